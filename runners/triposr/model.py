@@ -1,0 +1,475 @@
+"""TripoSR, the network, written from the facts file (shared/facts/triposr.md) top to bottom.
+
+image (PIL) -> preprocess (resize to cond_image_size, §3.1) -> DINO ViT image tokens (§3.3)
+learned triplane tokens -> Transformer1D backbone with cross-attention to the image tokens (§3.3)
+-> upsampler (ConvTranspose2d) -> scene codes [B, 3, C, 2P, 2P]
+points -> triplane sampling -> NeRF MLP decoder -> density, colour (§3.4) -> mesh (§3.5, mesh.py)
+
+Parameter names follow the official checkpoint (transformers-4 ViT naming, diffusers-style backbone), so
+`model.ckpt` loads strictly. Loading lives in loading.py; marching cubes and GLB export in mesh.py.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    import trimesh
+    from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configuration (§1). Defaults are the official values; loading.py fills these from config.yaml.
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ViTConfig:
+    """The Hugging Face ViTConfig fields the image tokenizer uses (§1.2: facebook/dino-vitb16)."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+
+
+@dataclass(frozen=True)
+class TripoSRConfig:
+    cond_image_size: int = 512
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    plane_size: int = 32  # tokenizer.plane_size
+    triplane_channels: int = 1024  # tokenizer.num_channels
+    backbone_in_channels: int = 1024  # ${tokenizer.num_channels}
+    num_attention_heads: int = 16
+    attention_head_dim: int = 64
+    num_layers: int = 16
+    cross_attention_dim: int = 768
+    norm_num_groups: int = 32  # class default, not in config.yaml
+    post_in_channels: int = 1024
+    post_out_channels: int = 40
+    decoder_in_channels: int = 120
+    decoder_neurons: int = 64
+    decoder_hidden_layers: int = 9
+    decoder_activation: str = "silu"
+    radius: float = 0.87
+    density_bias: float = -1.0
+    density_activation: str = "exp"
+    feature_reduction: str = "concat"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image tokenizer: DINO ViT-B/16 (transformers 4.x ViTModel layout, §1.2 and §2)
+# ---------------------------------------------------------------------------------------------------------
+class ViTPatchEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.projection = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixels).flatten(2).transpose(1, 2)  # [B, h*w, D], patches row by row
+
+
+class ViTEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        grid = cfg.image_size // cfg.patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, grid * grid + 1, cfg.hidden_size))
+        self.patch_embeddings = ViTPatchEmbeddings(cfg)
+
+    def interpolated_position_embeddings(self, height: int, width: int) -> torch.Tensor:
+        """[1, 1 + h*w, D]: the learned grid resized to the input's patch grid (§3.3).
+
+        As in transformers 4.35 (the version the original pins): bicubic, align_corners=False, and a *scale
+        factor* of (n + 0.1) / grid rather than an explicit size, so source coordinates are (i + 0.5) / s - 0.5.
+        """
+        pos = self.position_embeddings
+        n_pos = pos.shape[1] - 1
+        h, w = height // self.cfg.patch_size, width // self.cfg.patch_size
+        if h * w == n_pos and height == width:
+            return pos
+        grid = int(math.sqrt(n_pos))
+        dim = pos.shape[-1]
+        patch = pos[:, 1:].reshape(1, grid, grid, dim).permute(0, 3, 1, 2)
+        patch = F.interpolate(
+            patch, scale_factor=((h + 0.1) / grid, (w + 0.1) / grid), mode="bicubic", align_corners=False
+        )
+        patch = patch.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat([pos[:, :1], patch], dim=1)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, _, height, width = pixels.shape
+        x = self.patch_embeddings(pixels)
+        x = torch.cat([self.cls_token.expand(b, -1, -1), x], dim=1)
+        return x + self.interpolated_position_embeddings(height, width)
+
+
+class ViTSelfAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        d = cfg.hidden_size
+        self.query = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.key = nn.Linear(d, d, bias=cfg.qkv_bias)
+        self.value = nn.Linear(d, d, bias=cfg.qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+        # transformers 4.35's ViT computes attention explicitly (matmul, softmax), not fused.
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d // self.heads)
+        out = torch.matmul(scores.softmax(dim=-1), v)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+
+class ViTSelfOutput(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class ViTAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.attention = ViTSelfAttention(cfg)
+        self.output = ViTSelfOutput(cfg)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dense(self.attention(x))
+
+
+class ViTDense(nn.Module):
+    """Holds one `dense` Linear, as the checkpoint's `intermediate.dense` / `output.dense` names need."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+
+
+class ViTLayer(nn.Module):
+    """Pre-LN block: x += Attn(LN(x)); x += MLP(LN(x)), MLP with exact (erf) GELU."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.attention = ViTAttention(cfg)
+        self.intermediate = ViTDense(cfg.hidden_size, cfg.intermediate_size)
+        self.output = ViTDense(cfg.intermediate_size, cfg.hidden_size)
+        self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class ViTEncoder(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class ViTPooler(nn.Module):
+    """Unused at inference, but its weights are in the checkpoint (§2), so it must exist for strict loading."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class ViTModel(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.embeddings = ViTEmbeddings(cfg)
+        self.encoder = ViTEncoder(cfg)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.pooler = ViTPooler(cfg)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B, 3, H, W] -> last_hidden_state [B, 1 + h*w, D] (CLS first, after final LN)."""
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layer:
+            x = layer(x)
+        return self.layernorm(x)
+
+
+class DINOSingleImageTokenizer(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.model = ViTModel(cfg)
+
+    def forward(self, rgb: torch.Tensor) -> torch.Tensor:
+        """rgb [B, H, W, 3] in [0, 1] -> image tokens [B, 1 + h*w, D]."""
+        # Mean/std are plain constants (the original's buffers are non-persistent: not in the checkpoint).
+        mean = torch.tensor(IMAGENET_MEAN, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, dtype=rgb.dtype, device=rgb.device).view(1, 3, 1, 1)
+        return self.model((rgb.permute(0, 3, 1, 2) - mean) / std)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Triplane tokens and the backbone (§3.3)
+# ---------------------------------------------------------------------------------------------------------
+class Triplane1DTokenizer(nn.Module):
+    def __init__(self, plane_size: int, num_channels: int) -> None:
+        super().__init__()
+        self.plane_size = plane_size
+        self.embeddings = nn.Parameter(torch.zeros(3, num_channels, plane_size, plane_size))
+
+    def forward(self, batch_size: int) -> torch.Tensor:
+        """-> [B, C, 3*P*P]: channels first, tokens plane-major, then row, then column."""
+        c = self.embeddings.shape[1]
+        return self.embeddings.permute(1, 0, 2, 3).reshape(1, c, -1).expand(batch_size, -1, -1)
+
+    def detokenize(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, C, 3*P*P] -> [B, 3, C, P, P]."""
+        b, c, _ = tokens.shape
+        p = self.plane_size
+        return tokens.reshape(b, c, 3, p, p).permute(0, 2, 1, 3, 4)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without q/k/v bias (diffusers naming: to_q, to_k, to_v, to_out.0)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        inner = heads * head_dim
+        self.heads = heads
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, inner, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(inner, dim), nn.Dropout(0.0)])
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        b = x.shape[0]
+        split = lambda t: t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)  # noqa: E731
+        q, k, v = split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context))
+        # Softmax scale 1/sqrt(head_dim) (1/8 officially), no mask; the original uses this fused kernel too.
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out[0](out.transpose(1, 2).reshape(b, x.shape[1], -1))
+
+
+class GEGLU(nn.Module):
+    def __init__(self, dim: int, inner: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, inner * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)  # first half = value, second = gate
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class BasicTransformerBlock(nn.Module):
+    """x += SelfAttn(LN1 x); x += CrossAttn(LN2 x, image tokens); x += FF(LN3 x)."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn1 = Attention(dim, heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-5)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-5)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer1D(nn.Module):
+    def __init__(self, cfg: TripoSRConfig) -> None:
+        super().__init__()
+        inner = cfg.num_attention_heads * cfg.attention_head_dim
+        self.norm = nn.GroupNorm(cfg.norm_num_groups, cfg.backbone_in_channels, eps=1e-6)
+        self.proj_in = nn.Linear(cfg.backbone_in_channels, inner)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, cfg.num_attention_heads, cfg.attention_head_dim, cfg.cross_attention_dim)
+            for _ in range(cfg.num_layers)
+        )
+        self.proj_out = nn.Linear(inner, cfg.backbone_in_channels)
+
+    def forward(self, tokens: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """tokens [B, C, N] (channels first), context [B, T, D] -> [B, C, N]."""
+        x = self.norm(tokens).transpose(1, 2)  # GroupNorm over channels, then [B, N, C]
+        x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        return self.proj_out(x).transpose(1, 2) + tokens
+
+
+class TriplaneUpsampleNetwork(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+
+    def forward(self, planes: torch.Tensor) -> torch.Tensor:
+        """[B, 3, Ci, P, P] -> scene codes [B, 3, Co, 2P, 2P], each plane on its own."""
+        b = planes.shape[0]
+        out = self.upsample(planes.flatten(0, 1))
+        return out.view(b, 3, *out.shape[1:])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoder (§3.4)
+# ---------------------------------------------------------------------------------------------------------
+class NeRFMLP(nn.Module):
+    """Linear in->n, SiLU, (hidden-1) x (Linear n->n, SiLU), Linear n->4. Odd indices are activations."""
+
+    def __init__(self, in_channels: int, n_neurons: int, n_hidden_layers: int, activation: str) -> None:
+        super().__init__()
+        if activation != "silu":
+            raise ValueError(f"decoder.activation {activation!r} is not supported (only 'silu')")
+        mods: list[nn.Module] = [nn.Linear(in_channels, n_neurons), nn.SiLU()]
+        for _ in range(n_hidden_layers - 1):
+            mods += [nn.Linear(n_neurons, n_neurons), nn.SiLU()]
+        mods.append(nn.Linear(n_neurons, 4))
+        self.layers = nn.Sequential(*mods)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(features)
+
+
+def sample_triplanes(scene_codes: torch.Tensor, points: torch.Tensor, radius: float) -> torch.Tensor:
+    """Triplane features at points: codes [B, 3, C, H, W], points [B, N, 3] (model units) -> [B, N, 3C].
+
+    Points are scaled from [-radius, radius] to [-1, 1]; plane 0 is sampled at (x, y), plane 1 at (x, z),
+    plane 2 at (y, z), the first coordinate along the plane's width (grid_sample convention). Bilinear,
+    align_corners=False, zeros outside; the three samples are concatenated plane-major.
+    """
+    b, _, c, h, w = scene_codes.shape
+    n = points.shape[1]
+    # The original maps the range with (p - lo) / (hi - lo) * 2 - 1; kept for bit-level closeness.
+    p = (points + radius) / (2 * radius) * 2 - 1
+    uv = torch.stack([p[..., [0, 1]], p[..., [0, 2]], p[..., [1, 2]]], dim=1)  # [B, 3, N, 2]
+    feats = F.grid_sample(
+        scene_codes.reshape(b * 3, c, h, w), uv.reshape(b * 3, 1, n, 2), mode="bilinear", align_corners=False
+    )  # [B*3, C, 1, N]
+    return feats.view(b, 3, c, n).permute(0, 3, 1, 2).reshape(b, n, 3 * c)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole model
+# ---------------------------------------------------------------------------------------------------------
+class TripoSR(nn.Module):
+    def __init__(self, cfg: TripoSRConfig) -> None:
+        super().__init__()
+        if cfg.feature_reduction != "concat" or cfg.density_activation != "exp":
+            raise ValueError("only renderer.feature_reduction 'concat' and density_activation 'exp' are supported")
+        self.cfg = cfg
+        # Creation order as in the original (§2): image_tokenizer, tokenizer, backbone, post_processor, decoder.
+        self.image_tokenizer = DINOSingleImageTokenizer(cfg.vit)
+        self.tokenizer = Triplane1DTokenizer(cfg.plane_size, cfg.triplane_channels)
+        self.backbone = Transformer1D(cfg)
+        self.post_processor = TriplaneUpsampleNetwork(cfg.post_in_channels, cfg.post_out_channels)
+        self.decoder = NeRFMLP(
+            cfg.decoder_in_channels, cfg.decoder_neurons, cfg.decoder_hidden_layers, cfg.decoder_activation
+        )
+
+    # -- loading ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu") -> TripoSR:
+        """A folder (config.yaml + model.ckpt), a BentoML tag (name:version) or a Hugging Face repo id."""
+        from runners.triposr.loading import load_model
+
+        return load_model(source, device=device)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # -- image -> scene codes -----------------------------------------------------------------------------
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images (any size) -> rgb_cond [B, S, S, 3] in [0, 1] (§3.1 step 4: bilinear, antialias)."""
+        size = self.cfg.cond_image_size
+        out = []
+        for image in images:
+            arr = np.asarray(image.convert("RGB"), dtype=np.uint8).astype(np.float32) / 255.0
+            t = torch.from_numpy(arr).to(self.device).permute(2, 0, 1)[None]
+            t = F.interpolate(t, (size, size), mode="bilinear", align_corners=False, antialias=True)
+            out.append(t[0].permute(1, 2, 0))
+        return torch.stack(out)
+
+    def encode(self, rgb_cond: torch.Tensor) -> dict[str, torch.Tensor]:
+        """rgb_cond [B, S, S, 3] -> every stage of §3.3, for debugging against the fixtures' intermediates."""
+        image_tokens = self.image_tokenizer(rgb_cond)
+        tokens = self.tokenizer(rgb_cond.shape[0])
+        backbone_out = self.backbone(tokens, image_tokens)
+        triplanes = self.tokenizer.detokenize(backbone_out)
+        scene_codes = self.post_processor(triplanes)
+        return {
+            "image_tokens": image_tokens,
+            "backbone_out": backbone_out,
+            "triplanes": triplanes,
+            "scene_codes": scene_codes,
+        }
+
+    @torch.no_grad()
+    def forward(self, images: list[Image.Image]) -> torch.Tensor:
+        """RGB images (object on 0.5 gray) -> scene codes [B, 3, C, 2P, 2P] (official: [B, 3, 40, 64, 64])."""
+        return self.encode(self.preprocess(images))["scene_codes"]
+
+    # -- scene codes -> density, colour ---------------------------------------------------------------------
+    @torch.no_grad()
+    def query(
+        self, scene_codes: torch.Tensor, points: torch.Tensor, chunk_size: int = 2**21
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """points [B, N, 3] (model units, within +-radius) -> density [B, N], rgb [B, N, 3].
+
+        chunk_size bounds the points decoded at once over the whole batch (so memory stays bounded);
+        0 means everything at once.
+        """
+        b, n, _ = points.shape
+        step = n if chunk_size <= 0 else max(1, chunk_size // b)
+        density = torch.empty(b, n, dtype=scene_codes.dtype, device=scene_codes.device)
+        rgb = torch.empty(b, n, 3, dtype=scene_codes.dtype, device=scene_codes.device)
+        for start in range(0, n, step):
+            pts = points[:, start : start + step].to(scene_codes.device, scene_codes.dtype)
+            raw = self.decoder(sample_triplanes(scene_codes, pts, self.cfg.radius))
+            density[:, start : start + step] = torch.exp(raw[..., 0] + self.cfg.density_bias)
+            rgb[:, start : start + step] = torch.sigmoid(raw[..., 1:4])
+        return density, rgb
+
+    @torch.no_grad()
+    def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int = 2**21) -> torch.Tensor:
+        """Density on the mesh-extraction grid for all scenes in ONE batched query: [B, R, R, R], [ix, iy, iz]."""
+        from runners.triposr.mesh import grid_points
+
+        pts = grid_points(resolution, self.cfg.radius, scene_codes.device)  # [R^3, 3]
+        b = scene_codes.shape[0]
+        density, _ = self.query(scene_codes, pts[None].expand(b, -1, -1), chunk_size)
+        return density.view(b, resolution, resolution, resolution)
+
+    @torch.no_grad()
+    def extract_mesh(
+        self, scene_codes: torch.Tensor, resolution: int = 256, threshold: float = 25.0
+    ) -> list[trimesh.Trimesh]:
+        """Scene codes -> one mesh per scene with vertex colours, in the original's model frame (z up)."""
+        from runners.triposr.mesh import extract_meshes
+
+        return extract_meshes(self, scene_codes, resolution, threshold)
