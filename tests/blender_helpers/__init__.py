@@ -1,0 +1,1 @@
+"""Helpers for the Blender tests: synthetic TripoSR-like meshes and a USDZ inspector."""
