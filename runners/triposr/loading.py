@@ -147,7 +147,9 @@ def read_vit_config(folder: Path, name: str) -> ViTConfig:
     if name == DINO_VITB16:
         return ViTConfig()
     path = folder / name / "config.json"
-    if not path.is_file() or not path.resolve().is_relative_to(folder.resolve()):
+    # Lexical check (not resolve()): in the Hugging Face cache the files are symlinks into blobs/.
+    inside = not Path(name).is_absolute() and ".." not in Path(name).parts
+    if not inside or not path.is_file():
         raise ModelLoadError(
             f"{folder / CONFIG_FILE}: image_tokenizer.pretrained_model_name_or_path {name!r} is neither "
             f"{DINO_VITB16!r} nor a folder inside the model folder holding config.json"
@@ -166,8 +168,9 @@ def read_vit_config(folder: Path, name: str) -> ViTConfig:
 # ---------------------------------------------------------------------------------------------------------
 # model.ckpt
 # ---------------------------------------------------------------------------------------------------------
-def read_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat state_dict saved with torch.save, read with weights_only=True (no arbitrary pickles)."""
+    path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"{path}: file not found")
     try:
@@ -334,7 +337,7 @@ def random_state_dict(cfg: TripoSRConfig, seed: int = 0, device: str | torch.dev
         elif key.endswith(".bias"):
             out[key] = 0.02 * r
         elif len(shape) >= 2:
-            out[key] = r / math.sqrt(math.prod(shape[1:]))
+            out[key] = r * (1.0 / math.sqrt(math.prod(shape[1:])))
         else:
             out[key] = 0.02 * r
     return {k: out[k] for k in shapes}
