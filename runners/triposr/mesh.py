@@ -88,10 +88,25 @@ def _orient(loop: list[int], above: list[bool]) -> list[int]:
     return loop if dot > 0 else loop[::-1]
 
 
+def _fan(loop: list[int]) -> list[tuple[int, int, int]]:
+    """Fan-triangulate a polygon from the corner that leaves no triangle lying flat in one cube face.
+
+    Such a triangle would have its normal along the face, neither toward nor away from the higher values.
+    """
+    on_faces = {e: {f for f, (_, edges) in enumerate(_faces_of_cube()) if e in edges} for e in loop}
+
+    def fan_from(k: int) -> list[tuple[int, int, int]]:
+        p = loop[k:] + loop[:k]
+        return [(p[0], p[i], p[i + 1]) for i in range(1, len(p) - 1)]
+
+    flat = lambda tris: sum(bool(on_faces[a] & on_faces[b] & on_faces[c]) for a, b, c in tris)  # noqa: E731
+    return min((fan_from(k) for k in range(len(loop))), key=flat)
+
+
 @lru_cache(maxsize=None)
 def case_table() -> tuple[np.ndarray, np.ndarray]:
     """(triangles [256, T, 3] of local edge indices, padded with 0; triangle count [256])."""
-    tris = [[(p[0], p[i], p[i + 1]) for p in _polygons(case) for i in range(1, len(p) - 1)] for case in range(256)]
+    tris = [[t for p in _polygons(case) for t in _fan(p)] for case in range(256)]
     width = max(len(t) for t in tris)
     table = np.zeros((256, width, 3), dtype=np.int64)
     for case, t in enumerate(tris):
