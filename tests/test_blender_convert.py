@@ -11,13 +11,12 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import pytest_asyncio
 
 from converters.blender.pool import BlenderPool
 from pipeline.errors import StageError
-from tests.blender_helpers.checks import colour_error, coverage, inspect_usdz
+from tests.blender_helpers.checks import assert_ar_ready, colour_error, coverage, inspect_usdz
 from tests.blender_helpers.meshes import blob_mesh, read_glb, write_glb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -37,21 +36,6 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def glb_20k(work: Path) -> Path:
     return write_glb(blob_mesh(80), work / "blob20k.glb")
-
-
-def assert_ar_ready(report: dict, glb: Path) -> None:
-    """Zero validation errors, zero failed ARKit rules, Y up in metres, same faces and placement as the GLB."""
-    assert report["validation_errors"] == []
-    assert report["arkit_failures"] == []
-    assert report["up_axis"] == "Y" and report["meters_per_unit"] == 1.0
-    source = read_glb(glb)
-    assert report["meshes"] == 1 and report["faces"] == len(source.faces)
-    centres = source.triangles_center
-    np.testing.assert_allclose(report["bbox_min"], centres.min(axis=0), atol=1e-5)
-    np.testing.assert_allclose(report["bbox_max"], centres.max(axis=0), atol=1e-5)
-    # The blob is off-centre on every axis: a mirrored or turned export would move this.
-    np.testing.assert_allclose(report["centroid"], centres.mean(axis=0), atol=1e-5)
-    assert len(report["textures"]) == 1 and report["textures"][0].endswith(".png")
 
 
 async def test_20k_faces_ar_ready_with_baked_colours(pool: BlenderPool, work: Path, glb_20k: Path) -> None:

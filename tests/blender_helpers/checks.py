@@ -72,3 +72,18 @@ def coverage(jpeg: Path) -> float:
     pixels = np.asarray(Image.open(jpeg).convert("RGB"), dtype=np.int32)
     background = pixels[:8, :8].reshape(-1, 3).mean(axis=0)
     return float((np.abs(pixels - background).sum(axis=2) > 24).mean())
+
+
+def assert_ar_ready(report: dict, glb: Path) -> None:
+    """Zero validation errors, zero failed ARKit rules, Y up in metres, same faces and placement as the GLB."""
+    assert report["validation_errors"] == []
+    assert report["arkit_failures"] == []
+    assert report["up_axis"] == "Y" and report["meters_per_unit"] == 1.0
+    source = read_glb(glb)
+    assert report["meshes"] == 1 and report["faces"] == len(source.faces)
+    centres = source.triangles_center
+    np.testing.assert_allclose(report["bbox_min"], centres.min(axis=0), atol=1e-5)
+    np.testing.assert_allclose(report["bbox_max"], centres.max(axis=0), atol=1e-5)
+    # The test meshes are off-centre on every axis: a mirrored or turned export would move this.
+    np.testing.assert_allclose(report["centroid"], centres.mean(axis=0), atol=1e-5)
+    assert len(report["textures"]) == 1 and report["textures"][0].endswith(".png")
