@@ -25,7 +25,7 @@ from skimage.color import rgb2lab
 
 from pipeline.errors import StageError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("grok3d.imaging")
 
 WORK_SIDE = 512  # segmentation runs at this size: fast, and shadow softness is judged at a known scale
 BORDER_FRACTION = 0.03  # the strip that samples the background

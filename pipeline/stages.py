@@ -11,6 +11,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Protocol
 
+from pipeline.errors import StageUnavailable
+
 
 class ImageGenerator(Protocol):
     """Prompt -> picture (the `generating_image` stage, first half)."""
@@ -70,3 +72,33 @@ class Stages:
     prepare: ImagePreparer
     reconstruct: Reconstructor
     convert: Converter
+
+
+class Unavailable:
+    """Stands in for a stage that has no backend in this deployment: every call fails with `reason`.
+
+    The API checks `unavailable` to answer 503 before accepting a job it could not finish.
+    """
+
+    unavailable = True
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def _fail(self) -> StageUnavailable:
+        return StageUnavailable(self.reason)
+
+    async def generate_image(self, prompt: str) -> bytes:
+        raise self._fail()
+
+    async def prepare_image(self, jpeg: bytes) -> bytes:
+        raise self._fail()
+
+    async def status(self) -> ModelStatus:
+        return ModelStatus(ModelState.missing, detail=self.reason)
+
+    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+        raise self._fail()
+
+    async def convert(self, glb_path: Path, usdz_path: Path) -> None:
+        raise self._fail()

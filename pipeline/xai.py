@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import StageError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("grok3d.xai")
 
 DEFAULT_MODEL = "grok-imagine-image"
 DEFAULT_PROMPT_TEMPLATE = (

@@ -131,7 +131,7 @@ def busy_scene() -> bytes:
 )
 def test_mask_matches_the_object(make, caplog: pytest.LogCaptureFixture) -> None:
     picture, truth = make()
-    with caplog.at_level(logging.WARNING, logger="pipeline.imaging"):
+    with caplog.at_level(logging.WARNING, logger="grok3d.imaging"):
         prepared = prepare_for_triposr(picture)
     assert prepared.plain_background and prepared.warning is None and not caplog.records
     assert prepared.mask.shape == truth.shape
@@ -169,7 +169,7 @@ def test_large_picture_is_matted_at_its_own_size() -> None:
 
 
 def test_busy_background_frames_the_whole_picture(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="pipeline.imaging"):
+    with caplog.at_level(logging.WARNING, logger="grok3d.imaging"):
         prepared = prepare_for_triposr(busy_scene())
     assert not prepared.plain_background
     assert prepared.warning and "whole picture" in prepared.warning

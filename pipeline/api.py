@@ -1,0 +1,271 @@
+"""The FastAPI app: the routes of API.md, its error bodies and status codes, CORS.
+
+Every error under /api is `{"error": "..."}`; FastAPI's 422 and `{"detail": ...}` never reach a client.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from pipeline import schemas
+from pipeline.examples import SHIPPED_DIR, ExampleCatalog
+from pipeline.jobs import JobStore, QueueFull, Status, Stage
+from pipeline.orchestrator import Orchestrator
+from pipeline.settings import Settings, get_settings
+from pipeline.stages import ModelState, Stages
+from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
+                              is_example_id, is_job_id)
+
+log = logging.getLogger("grok3d.api")
+
+NOT_CONFIGURED = "Image generation is not configured: set XAI_API_KEY"
+MODEL_NOT_LOADED = "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)"
+
+
+class ApiError(Exception):
+    def __init__(self, status_code: int, message: str, headers: dict[str, str] | None = None) -> None:
+        self.status_code = status_code
+        self.message = message
+        self.headers = headers
+
+
+@dataclass
+class Runtime:
+    """What the routes need, built in the app's lifespan."""
+
+    settings: Settings
+    store: JobStore
+    assets: AssetStore
+    catalog: ExampleCatalog
+    stages: Stages
+    orchestrator: Orchestrator
+
+
+StagesFactory = Callable[[Settings], Stages]
+
+
+def create_app(stages_factory: StagesFactory, settings: Settings | None = None) -> FastAPI:
+    """The app; `stages_factory` builds the stage backends once the process runs (in the lifespan)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await _start_runtime(settings, stages_factory(settings))
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await _stop_runtime(runtime)
+
+    app = FastAPI(title="grok3d", version="0.1.0", lifespan=lifespan, docs_url="/api/docs",
+                  redoc_url=None, openapi_url="/api/openapi.json")
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
+                                                            "Content-Range", "Accept-Ranges"])
+    _install_error_handlers(app)
+    _install_routes(app)
+    return app
+
+
+async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
+    store = JobStore(settings.db_path, lease_s=settings.lease_s)
+    assets = AssetStore(settings.jobs_dir)
+    catalog = ExampleCatalog(SHIPPED_DIR, settings.promoted_examples_dir)
+    for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
+        if hasattr(backend, "start"):
+            await backend.start()
+    orchestrator = Orchestrator(store, assets, stages, image_concurrency=settings.image_concurrency,
+                                reconstruct_concurrency=settings.reconstruct_concurrency,
+                                max_running=settings.queue_max)
+    await orchestrator.start()
+    log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir, store.count_active())
+    return Runtime(settings, store, assets, catalog, stages, orchestrator)
+
+
+async def _stop_runtime(runtime: Runtime) -> None:
+    await runtime.orchestrator.stop()
+    stages = runtime.stages
+    for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
+        close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
+        if close is not None and inspect.iscoroutinefunction(close):
+            await close()
+    runtime.store.close()
+
+
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "Invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        messages = {404: "Not found", 405: "Method not allowed"}
+        message = exc.detail if isinstance(exc.detail, str) and exc.status_code not in messages else \
+            messages.get(exc.status_code, "Request failed")
+        return _error(exc.status_code, message, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "Internal server error")
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 past 64 KiB whether or not the client declared its length."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > schemas.MAX_BODY_BYTES:
+        raise ApiError(413, "Request body too large")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > schemas.MAX_BODY_BYTES:
+            raise ApiError(413, "Request body too large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_prompt(body: bytes) -> str:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "Invalid request body") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "Invalid request body")
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ApiError(400, "No prompt provided")
+    prompt = prompt.strip()
+    if len(prompt) > schemas.MAX_PROMPT_CHARS:
+        raise ApiError(400, f"Prompt too long (max {schemas.MAX_PROMPT_CHARS} characters)")
+    return prompt
+
+
+async def _check_backends(runtime: Runtime) -> None:
+    if getattr(runtime.stages.image, "unavailable", False):
+        raise ApiError(503, NOT_CONFIGURED)
+    status = await runtime.stages.reconstruct.status()
+    if status.state in (ModelState.missing, ModelState.failed):
+        raise ApiError(503, MODEL_NOT_LOADED)
+
+
+def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
+    example = runtime.catalog.get(job_id)
+    if example is None:
+        raise ApiError(404, "Job not found")
+    entry = example.entry
+    return schemas.JobStatus(job_id=job_id, status=Status.complete.value, stage=Stage.complete.value,
+                             progress=100, created_at=entry.created_at, prompt=entry.prompt)
+
+
+def _etag(stat) -> str:
+    return '"' + hashlib.blake2b(f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}".encode(),
+                                 digest_size=12).hexdigest() + '"'
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.post("/api/generate", response_model=schemas.GenerateResponse)
+    async def generate(request: Request) -> schemas.GenerateResponse:
+        runtime = _runtime(request)
+        prompt = _parse_prompt(await _read_body(request))
+        await _check_backends(runtime)
+        try:
+            job = runtime.store.create(prompt, queue_max=runtime.settings.queue_max)
+        except QueueFull:
+            raise ApiError(429, "Too many jobs queued, retry later",
+                           {"Retry-After": str(runtime.settings.retry_after_s)}) from None
+        runtime.orchestrator.wake()
+        log.info("job %s queued", job.job_id)
+        return schemas.GenerateResponse(job_id=job.job_id, status=job.status.value)
+
+    @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus)
+    async def status(job_id: str, request: Request) -> schemas.JobStatus:
+        runtime = _runtime(request)
+        if is_example_id(job_id):
+            return _example_status(runtime, job_id)
+        job = runtime.store.get(job_id) if is_job_id(job_id) else None
+        if job is None:
+            raise ApiError(404, "Job not found")
+        return schemas.JobStatus(job_id=job.job_id, status=job.status.value, stage=job.stage.value,
+                                 progress=job.progress, created_at=job.created_at, prompt=job.prompt,
+                                 error=job.error, model_version=job.model_version)
+
+    @app.get("/api/asset/{job_id:path}")
+    async def asset(job_id: str, request: Request) -> Response:
+        runtime = _runtime(request)
+        asset_type = request.query_params.get("asset_type")
+        kind = next((a for a in SERVED_ASSETS if a.value == asset_type), None)
+        if kind is None:
+            raise ApiError(400, "Invalid asset type")
+        if is_example_id(job_id):
+            example = runtime.catalog.get(job_id)
+            if example is None:
+                raise ApiError(404, "Job not found")
+            path = example.path(kind)
+        elif is_job_id(job_id) and runtime.store.get(job_id) is not None:
+            path = runtime.assets.path(job_id, kind)
+        else:
+            raise ApiError(404, "Job not found")
+        return _file_response(request, path, job_id, kind)
+
+    @app.get("/api/examples", response_model=schemas.ExamplesResponse)
+    async def examples(request: Request) -> schemas.ExamplesResponse:
+        runtime = _runtime(request)
+        return schemas.ExamplesResponse(examples=[
+            schemas.Example(job_id=ex.job_id, name=ex.entry.name, description=ex.entry.description,
+                            image_url=f"/api/asset/{ex.job_id}?asset_type=image")
+            for ex in runtime.catalog.all()
+        ])
+
+    # Unknown paths under /api answer in API.md's shape; a known path with another method is a 405.
+    @app.api_route("/api", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=False)
+    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
+                   include_in_schema=False)
+    async def unknown(request: Request) -> Response:
+        for route in request.app.router.routes:
+            if getattr(route, "endpoint", None) is unknown:
+                continue
+            match, _ = route.matches(request.scope)
+            if match is Match.PARTIAL:
+                raise ApiError(405, "Method not allowed")
+        raise ApiError(404, "Not found")
+
+
+def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise ApiError(404, "Asset not found") from None
+    etag = _etag(stat)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
+        return Response(status_code=304, headers=headers)
+    filename = f"{job_id}.{DOWNLOAD_SUFFIX[kind]}"
+    return FileResponse(path, media_type=MEDIA_TYPES[kind], filename=filename, stat_result=stat, headers=headers,
+                        content_disposition_type=DISPOSITION[kind])

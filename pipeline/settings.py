@@ -1,0 +1,85 @@
+"""Configuration from the environment: every setting of DESIGN.md, in one place, with its default."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from pipeline.xai import DEFAULT_PROMPT_TEMPLATE, validate_prompt_template
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
+
+    port: int = Field(8000, alias="PORT")
+    data_dir: Path = Field(Path("./data"), alias="GROK3D_DATA_DIR")
+    queue_max: int = Field(100, alias="GROK3D_QUEUE_MAX", ge=1)
+    retry_after_s: int = Field(10, alias="GROK3D_RETRY_AFTER_S", ge=0)
+    image_concurrency: int = Field(4, alias="GROK3D_IMAGE_CONCURRENCY", ge=1)
+    reconstruct_concurrency: int = Field(16, alias="GROK3D_RECONSTRUCT_CONCURRENCY", ge=1)
+    model_size_m: float = Field(0.5, alias="GROK3D_MODEL_SIZE_M", gt=0)
+    cors_origins: str = Field("*", alias="GROK3D_CORS_ORIGINS")
+    lease_s: float = Field(60.0, alias="GROK3D_LEASE_S", gt=0)
+
+    xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
+    xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")
+    xai_image_model: str = Field("grok-imagine-image", alias="XAI_IMAGE_MODEL")
+    xai_timeout_s: float = Field(60.0, alias="XAI_TIMEOUT_S", gt=0)
+    xai_max_retries: int = Field(5, alias="XAI_MAX_RETRIES", ge=0)
+    prompt_template: str = Field(DEFAULT_PROMPT_TEMPLATE, alias="GROK3D_PROMPT_TEMPLATE")
+
+    triposr_model: str = Field("triposr:latest", alias="TRIPOSR_MODEL")
+    triposr_device: str | None = Field(None, alias="TRIPOSR_DEVICE")
+    triposr_mc_resolution: int = Field(256, alias="TRIPOSR_MC_RESOLUTION", ge=8)
+    triposr_mc_threshold: float = Field(25.0, alias="TRIPOSR_MC_THRESHOLD")
+    triposr_max_batch_size: int = Field(8, alias="TRIPOSR_MAX_BATCH_SIZE", ge=2)
+    triposr_max_latency_ms: int = Field(300_000, alias="TRIPOSR_MAX_LATENCY_MS", ge=1)
+
+    blender_workers: int = Field(2, alias="GROK3D_BLENDER_WORKERS", ge=1)
+    blender_python: str | None = Field(None, alias="GROK3D_BLENDER_PYTHON")
+    convert_timeout_s: float = Field(300.0, alias="GROK3D_CONVERT_TIMEOUT_S", gt=0)
+    bake_size: int = Field(1024, alias="GROK3D_BAKE_SIZE", ge=16)
+
+    # Advanced: "module:function" returning a pipeline.stages.Stages; for tests and custom backends.
+    stages_factory: str | None = Field(None, alias="GROK3D_STAGES")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, value: str) -> str:
+        return validate_prompt_template(value)
+
+    @field_validator("xai_api_key")
+    @classmethod
+    def _blank_key_is_none(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()]
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "grok3d.db"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def promoted_examples_dir(self) -> Path:
+        return self.data_dir / "examples"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.data_dir = settings.data_dir.resolve()
+    return settings
+
+
+def bentoml_home(settings: Settings) -> Path:
+    """BENTOML_HOME defaults to a folder under the data dir so serve, import-model and build share one store."""
+    return Path(os.environ.get("BENTOML_HOME") or settings.data_dir / "bentoml")

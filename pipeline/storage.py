@@ -1,0 +1,105 @@
+"""Where a job's files live, and how they are written: ids are validated before any path is built, and every
+file is written to a temporary name and renamed into place, so nothing half-written is ever served."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import tempfile
+from enum import Enum
+from pathlib import Path
+
+JOB_ID_RE = re.compile(r"[0-9a-f]{8}")
+EXAMPLE_ID_RE = re.compile(r"ex_[a-z0-9][a-z0-9-]{0,62}")
+EXAMPLE_PREFIX = "ex_"
+
+
+class Asset(str, Enum):
+    """The files a job produces, in the order its stages produce them."""
+
+    image = "image"  # the picture from xAI, JPEG
+    input = "input"  # the matted, framed picture TripoSR sees (kept for debugging, not served)
+    glb = "glb"
+    usdz = "usdz"
+
+
+FILE_NAMES = {Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb", Asset.usdz: "model.usdz"}
+MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip"}
+DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz"}
+# glTF viewers download; images and USDZ open inline (Safari hands an inline USDZ to AR Quick Look).
+DISPOSITION = {Asset.image: "inline", Asset.glb: "attachment", Asset.usdz: "inline"}
+SERVED_ASSETS = (Asset.image, Asset.glb, Asset.usdz)
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(4)
+
+
+def is_job_id(value: str) -> bool:
+    return JOB_ID_RE.fullmatch(value) is not None
+
+
+def is_example_id(value: str) -> bool:
+    return EXAMPLE_ID_RE.fullmatch(value) is not None
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either nothing or the whole file, even after a crash."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temp_path_for(path: Path) -> Path:
+    """A temporary sibling of `path` for producers that write files themselves (then `publish` it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def publish(tmp: Path, path: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class AssetStore:
+    """Job folders under `$GROK3D_DATA_DIR/jobs/`. The narrow interface an object store would replace."""
+
+    def __init__(self, jobs_dir: Path) -> None:
+        self.root = jobs_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def job_dir(self, job_id: str) -> Path:
+        if not is_job_id(job_id):  # the only guard between a URL and the file system
+            raise ValueError(f"not a job id: {job_id!r}")
+        return self.root / job_id
+
+    def path(self, job_id: str, asset: Asset) -> Path:
+        return self.job_dir(job_id) / FILE_NAMES[asset]
+
+    def has(self, job_id: str, asset: Asset) -> bool:
+        return self.path(job_id, asset).is_file()
+
+    def write(self, job_id: str, asset: Asset, data: bytes) -> Path:
+        path = self.path(job_id, asset)
+        write_atomic(path, data)
+        return path
+
+    def read(self, job_id: str, asset: Asset) -> bytes:
+        return self.path(job_id, asset).read_bytes()
+
+    def remove_temporaries(self, job_id: str) -> None:
+        """Leftovers of a stage interrupted by a crash."""
+        folder = self.job_dir(job_id)
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)

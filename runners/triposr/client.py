@@ -1,0 +1,47 @@
+"""The orchestrator's side of the TripoSR service: `pipeline.stages.Reconstructor` over a BentoML dependency.
+
+Overload (BentoML's "process is overloaded", or a model still loading) is a retryable StageError: the
+orchestrator retries, then fails the job with that sentence. No 500 ever reaches a client from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from bentoml.exceptions import BentoMLException, ServiceUnavailable
+
+from pipeline.errors import StageError
+from pipeline.stages import ModelState, ModelStatus, Reconstruction
+
+log = logging.getLogger("grok3d.triposr.client")
+
+
+class TripoSRStage:
+    def __init__(self, service: Any) -> None:
+        self._service = service  # the bentoml.depends proxy of runners.triposr.service.TripoSRService
+        self._version: str | None = None
+
+    async def status(self) -> ModelStatus:
+        try:
+            answer = await self._service.to_async.status()
+        except BentoMLException as exc:
+            return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc})")
+        self._version = answer.get("version")
+        return ModelStatus(ModelState(answer["state"]), answer.get("version"), answer.get("detail"))
+
+    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+        try:
+            [glb] = await self._service.to_async.reconstruct([image_png])
+        except ServiceUnavailable as exc:
+            raise StageError("The 3D model could not be generated: the TripoSR service is overloaded, "
+                             "please try again later.", retryable=True) from exc
+        except BentoMLException as exc:
+            log.error("TripoSR service error: %s", exc)
+            raise StageError(f"The 3D model could not be generated: the TripoSR service failed ({exc}).") from exc
+        if not glb:
+            raise StageError("The 3D model could not be generated: TripoSR found no surface in this picture; "
+                             "try a prompt for a single solid object.")
+        if self._version is None:
+            await self.status()
+        return Reconstruction(glb=glb, model_version=self._version or "unknown")

@@ -1,0 +1,47 @@
+"""What the TripoSR service runs: load the model TRIPOSR_MODEL names, and turn a batch of pictures into GLBs.
+
+Kept apart from service.py so that it runs (and is tested) without BentoML serving.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
+from runners.triposr.mesh import to_delivery_glb
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from runners.triposr.model import TripoSR
+
+
+class ModelNotFound(Exception):
+    """No checkpoint where TRIPOSR_MODEL points: the service runs without a model (API.md's 503)."""
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(source: str, device: str | None = None) -> tuple[TripoSR, str]:
+    """(model, version). ModelNotFound when nothing is there; ModelLoadError when something broken is."""
+    if not Path(source).exists():
+        try:
+            resolve_source(source)  # a store tag or a hub id: is it there at all?
+        except ModelLoadError as exc:
+            raise ModelNotFound(f"{exc}. Import a checkpoint with `make import-model SRC=...`") from None
+    model = load_source(source, device=device or default_device())
+    return model, model_version(source)
+
+
+@torch.no_grad()
+def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution: int, threshold: float,
+                      size_m: float) -> list[bytes]:
+    """One forward pass and one batched density grid for the whole batch; b"" where no surface was found."""
+    codes = model(pictures)
+    meshes = model.extract_mesh(codes, resolution=resolution, threshold=threshold)
+    return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else b"" for mesh in meshes]

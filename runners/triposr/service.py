@@ -1,0 +1,100 @@
+"""The TripoSR service: images in, GLB bytes out, with BentoML's adaptive batching.
+
+A batch runs as one forward pass and one batched density grid. The model loads once per worker, in a background
+thread started with the worker, so the service answers `status` (and the API its /readyz) while it loads.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from pathlib import Path
+
+import bentoml
+from PIL import Image
+
+from pipeline.logs import setup_logging
+from pipeline.settings import get_settings
+
+log = logging.getLogger("grok3d.triposr")
+setup_logging()
+settings = get_settings()
+
+# A folder or a Hugging Face id is loaded as is; anything else names a model in the BentoML store, which
+# `bentoml build` then packs into the Bento (a rollout is a new Bento tag).
+_SOURCE = settings.triposr_model
+_IS_STORE_TAG = not Path(_SOURCE).exists() and _SOURCE.count("/") == 0
+
+
+def _packed_model() -> bentoml.models.BentoModel | None:
+    if not _IS_STORE_TAG:
+        return None
+    try:
+        bentoml.models.get(_SOURCE)
+    except bentoml.exceptions.NotFound:
+        return None  # serving without a model: the API answers 503 and says how to import one
+    return bentoml.models.BentoModel(_SOURCE)
+
+
+@bentoml.service(
+    name="triposr",
+    resources={"gpu": 1},
+    workers=1,
+    # A request waits for its batch's forward pass: never time out before the batching latency budget.
+    traffic={"timeout": max(600, settings.triposr_max_latency_ms / 1000 * 2)},
+)
+class TripoSRService:
+    checkpoint = _packed_model()
+
+    def __init__(self) -> None:
+        self.model = None
+        self.state = "loading"
+        self.version: str | None = None
+        self.detail: str | None = None
+        self._loaded = threading.Event()
+        threading.Thread(target=self._load, name="triposr-load", daemon=True).start()
+
+    def _load(self) -> None:
+        began = time.monotonic()
+        try:
+            from runners.triposr.inference import ModelNotFound, load_model
+
+            self.model, self.version = load_model(_SOURCE, device=settings.triposr_device)
+            self.state = "ready"
+            log.info("TripoSR %s loaded from %s in %.1f s", self.version, _SOURCE, time.monotonic() - began)
+        except ModelNotFound as exc:
+            self.state, self.detail = "missing", str(exc)
+            log.warning("No TripoSR model: %s", exc)
+        except Exception as exc:  # a corrupt or wrong checkpoint: the service stays up and says why
+            self.state, self.detail = "failed", f"{type(exc).__name__}: {exc}"
+            log.exception("TripoSR model %s could not be loaded", _SOURCE)
+        finally:
+            self._loaded.set()
+
+    def __is_ready__(self) -> bool:
+        return self._loaded.is_set()
+
+    @bentoml.api
+    def status(self) -> dict:
+        """{"state": loading|ready|missing|failed, "version": tag or null, "detail": why not ready}"""
+        return {"state": self.state, "version": self.version, "detail": self.detail}
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.triposr_max_batch_size,
+        max_latency_ms=settings.triposr_max_latency_ms,
+    )
+    def reconstruct(self, images: list[bytes]) -> list[bytes]:
+        """PNG/JPEG bytes of framed pictures -> GLB bytes in API.md's delivery frame (b"" = empty surface)."""
+        if self.state != "ready":
+            raise bentoml.exceptions.ServiceUnavailable(f"TripoSR model is {self.state}: {self.detail}")
+        from runners.triposr.inference import reconstruct_batch
+
+        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
+        began = time.monotonic()
+        glbs = reconstruct_batch(self.model, pictures, resolution=settings.triposr_mc_resolution,
+                                 threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m)
+        log.info("TripoSR batch of %d in %.2f s", len(images), time.monotonic() - began)
+        return glbs

@@ -1,0 +1,43 @@
+"""grok3d's deployment manifest: the API service, which mounts the FastAPI app of pipeline/ and depends on the
+TripoSR service. Nothing else lives here: the pipeline knows nothing of BentoML."""
+
+from __future__ import annotations
+
+import bentoml
+from starlette.exceptions import HTTPException
+
+from pipeline.api import create_app
+from pipeline.backends import default_stages
+from pipeline.logs import setup_logging
+from pipeline.settings import get_settings
+from pipeline.stages import ModelState
+from runners.triposr.client import TripoSRStage
+from runners.triposr.service import TripoSRService
+
+setup_logging()
+settings = get_settings()
+app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings)
+
+
+@bentoml.service(
+    name="grok3d",
+    workers=1,
+    traffic={"timeout": 60},
+    http={"port": settings.port},
+)
+@bentoml.asgi_app(app, path="/")
+class Grok3D:
+    triposr = bentoml.depends(TripoSRService)
+
+    async def __is_ready__(self) -> bool:
+        """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
+        503 with the reason (raising gives /readyz that body instead of BentoML's generic one)."""
+        runtime = getattr(app.state, "runtime", None)
+        if runtime is None:
+            raise HTTPException(503, "grok3d is starting")
+        status = await runtime.stages.reconstruct.status()
+        if status.state is ModelState.loading:
+            raise HTTPException(503, "The TripoSR model is still loading")
+        if status.state is ModelState.failed:
+            raise HTTPException(503, f"The TripoSR model could not be loaded: {status.detail}")
+        return True

@@ -1,0 +1,102 @@
+"""Test stages for the orchestrator, plugged into the real service with GROK3D_STAGES=tests.stages:<factory>.
+
+They stand in for xAI, TripoSR and Blender where a test is about the job machinery itself (durability, ordering,
+concurrency), not about those backends, which have their own tests. Behaviour is steered by environment
+variables so a `bentoml serve` subprocess can be configured from the test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import trimesh
+from PIL import Image
+
+from pipeline.errors import StageError
+from pipeline.settings import Settings
+from pipeline.stages import ModelState, ModelStatus, Reconstruction, Reconstructor, Stages, Unavailable
+
+
+def _seconds(name: str) -> float:
+    return float(os.environ.get(name, "0"))
+
+
+def _record(stage: str) -> None:
+    """Append the stage's name to TEST_CALL_LOG, so a test can count how often each stage ran."""
+    if path := os.environ.get("TEST_CALL_LOG"):
+        with open(path, "a") as f:
+            f.write(stage + "\n")
+
+
+def _jpeg(prompt: str) -> bytes:
+    shade = sum(prompt.encode()) % 200
+    img = Image.new("RGB", (64, 64), (230, 230, 230))
+    img.paste((shade, 80, 160), (16, 16, 48, 48))
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+class SleepyImage:
+    """Sleeps TEST_IMAGE_SLEEP_S, then draws a square; a prompt containing 'fail-image' fails the stage."""
+
+    async def generate_image(self, prompt: str) -> bytes:
+        _record("image")
+        await asyncio.sleep(_seconds("TEST_IMAGE_SLEEP_S"))
+        if "fail-image" in prompt:
+            raise StageError("xAI rejected the prompt: test refusal.")
+        if "crash-image" in prompt:
+            raise RuntimeError("a bug in the image stage")
+        return _jpeg(prompt) + (b"fail-3d" if "fail-3d" in prompt else b"")
+
+
+class CopyPrepare:
+    async def prepare_image(self, jpeg: bytes) -> bytes:
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(jpeg)).convert("RGB").save(buf, "PNG")
+        return buf.getvalue() + (b"fail-3d" if jpeg.endswith(b"fail-3d") else b"")
+
+
+class BoxReconstructor:
+    """A coloured box as GLB after TEST_3D_SLEEP_S. TEST_MODEL_LOAD_S: reports `loading` for that long after start;
+    TEST_MODEL=explode: status() raises (an unexpected error in the API)."""
+
+    def __init__(self) -> None:
+        self._ready_at = time.monotonic() + _seconds("TEST_MODEL_LOAD_S")
+
+    async def status(self) -> ModelStatus:
+        if os.environ.get("TEST_MODEL") == "explode":
+            raise RuntimeError("status exploded")
+        if time.monotonic() < self._ready_at:
+            return ModelStatus(ModelState.loading)
+        return ModelStatus(ModelState.ready, version="test:box")
+
+    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+        _record("3d")
+        await asyncio.sleep(_seconds("TEST_3D_SLEEP_S"))
+        if b"fail-3d" in image_png:
+            raise StageError("The 3D model could not be generated: test failure.")
+        mesh = trimesh.creation.box((0.5, 0.3, 0.4))
+        mesh.visual.vertex_colors = np.tile([200, 30, 30, 255], (len(mesh.vertices), 1))
+        return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:box")
+
+
+class ZipConverter:
+    """Writes a zip holding the GLB (a stand-in USDZ: USDZ is a zip) after TEST_CONVERT_SLEEP_S."""
+
+    async def convert(self, glb_path: Path, usdz_path: Path) -> None:
+        await asyncio.sleep(_seconds("TEST_CONVERT_SLEEP_S"))
+        with zipfile.ZipFile(usdz_path, "w", zipfile.ZIP_STORED) as z:
+            z.write(glb_path, "model.glb")
+
+
+def sleepy(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    image = SleepyImage() if settings.xai_api_key else Unavailable("Image generation is not configured.")
+    model = Unavailable("no TripoSR checkpoint") if os.environ.get("TEST_MODEL") == "missing" else BoxReconstructor()
+    return Stages(image=image, prepare=CopyPrepare(), reconstruct=model, convert=ZipConverter())
