@@ -142,3 +142,13 @@ async def test_the_checks_do_fail_on_a_non_arkit_usdz(work: Path) -> None:
     assert "upAxis should be Y" in arkit
     assert any("BasisCurves" in f for f in arkit)
     assert any("shader id not allowed" in f for f in arkit)
+
+
+async def test_without_baking_colours_stay_as_display_color(pool: BlenderPool, work: Path, glb_20k: Path) -> None:
+    """bake_size 0 (GROK3D_BAKE_SIZE=0): no texture, vertex colours exported as displayColor; still ARKit-clean."""
+    usdz = work / "unbaked.usdz"
+    await pool.convert_with_report(glb_20k, usdz, bake_size=0)
+    report, _ = inspect_usdz(usdz, work)
+    assert report["validation_errors"] == [] and report["arkit_failures"] == []
+    assert report["display_color"] is True and report["textures"] == []
+    assert report["faces"] == len(read_glb(glb_20k).faces)

@@ -163,8 +163,8 @@ class BlenderPool:
         self.max_glb_bytes = max_glb_bytes
         self.max_faces = max_faces
         self.preview_size = preview_size
-        if self.workers < 1 or self.bake_size < 16 or self.timeout_s <= 0:
-            raise ValueError("workers >= 1, bake_size >= 16 and timeout_s > 0 are required")
+        if self.workers < 1 or not (self.bake_size == 0 or self.bake_size >= 16) or self.timeout_s <= 0:
+            raise ValueError("workers >= 1, bake_size 0 (no baking) or >= 16, and timeout_s > 0 are required")
         self._queue: asyncio.Queue[_Request] = asyncio.Queue(maxsize=queue_max)
         self._slots: list[_Worker | None] = [None] * self.workers
         self._runners: list[asyncio.Task[None]] = []
@@ -223,7 +223,7 @@ class BlenderPool:
     async def convert_with_report(self, glb_path: Path, usdz_path: Path, bake_size: int | None = None) -> WorkerReport:
         check_glb(Path(glb_path), self.max_glb_bytes, self.max_faces)
         payload = {"glb": str(Path(glb_path).resolve()), "out": str(Path(usdz_path).resolve()),
-                   "bake_size": bake_size or self.bake_size, "max_faces": self.max_faces}
+                   "bake_size": self.bake_size if bake_size is None else bake_size, "max_faces": self.max_faces}
         return await self._submit("convert", payload)
 
     async def render_preview(self, glb_path: Path, jpeg_path: Path) -> None:

@@ -11,10 +11,11 @@ import math
 from pathlib import Path
 
 import bpy
+import numpy as np
 from mathutils import Matrix, Vector
 
-# Cycles settings for baking: the emission shader is evaluated exactly, so one sample and no denoising suffice.
-BAKE_MARGIN_PX = 8
+from converters.blender import texbake
+
 PREVIEW_SAMPLES = 16
 PREVIEW_BACKGROUND = (0.8, 0.8, 0.82)  # linear; with the Standard view transform this is sRGB (231, 231, 232)
 
@@ -119,25 +120,34 @@ def _single_material(obj: bpy.types.Object, name: str) -> bpy.types.Material:
     return material
 
 
+def _corner_arrays(mesh: bpy.types.Mesh, attribute: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per triangle corner: UV (T, 3, 2) and linear RGB colour (T, 3, 3), read in bulk with foreach_get."""
+    mesh.calc_loop_triangles()
+    triangles = len(mesh.loop_triangles)
+    loops = np.empty(triangles * 3, dtype=np.int32)
+    mesh.loop_triangles.foreach_get("loops", loops)
+    uv = np.empty(len(mesh.loops) * 2, dtype=np.float32)
+    mesh.uv_layers.active.data.foreach_get("uv", uv)
+    colour_attribute = mesh.color_attributes[attribute]
+    rgba = np.empty(len(colour_attribute.data) * 4, dtype=np.float32)
+    colour_attribute.data.foreach_get("color", rgba)  # linear values, whatever the storage
+    rgba = rgba.reshape(-1, 4)
+    if colour_attribute.domain == "POINT":
+        vertex_of_loop = np.empty(len(mesh.loops), dtype=np.int32)
+        mesh.loops.foreach_get("vertex_index", vertex_of_loop)
+        rgba = rgba[vertex_of_loop]
+    return uv.reshape(-1, 2)[loops].reshape(-1, 3, 2), rgba[loops, :3].reshape(-1, 3, 3)
+
+
 def bake_vertex_colours(obj: bpy.types.Object, attribute: str, size: int) -> bpy.types.Image:
     """Render the colour attribute into a size x size texture on a new UV map (AR Quick Look ignores vertex colours)."""
     _unwrap(obj)
+    corner_uv, corner_colour = _corner_arrays(obj.data, attribute)
+    texels = texbake.srgb_encode(texbake.bake(corner_uv, corner_colour, size))
     image = bpy.data.images.new("baked_colour", width=size, height=size, alpha=False)
-    material = _single_material(obj, "bake")
-    nodes, links = material.node_tree.nodes, material.node_tree.links
-    colour = nodes.new("ShaderNodeVertexColor")
-    colour.layer_name = attribute
-    emission = nodes.new("ShaderNodeEmission")
-    output = nodes.new("ShaderNodeOutputMaterial")
-    links.new(colour.outputs["Color"], emission.inputs["Color"])
-    links.new(emission.outputs["Emission"], output.inputs["Surface"])
-    target = nodes.new("ShaderNodeTexImage")  # the bake writes into the active image node
-    target.image = image
-    nodes.active = target
-    scene = _use_cycles_on_one_thread(samples=1)
-    scene.render.bake.margin = BAKE_MARGIN_PX
-    bpy.ops.object.bake(type="EMIT")
-    image.pack()  # keep the pixels in memory for the exporter; nothing is written next to the output
+    rgba = np.concatenate([texels, np.ones((size, size, 1))], axis=2).astype(np.float32)
+    image.pixels.foreach_set(rgba.ravel())  # byte sRGB image: pixels take the encoded values, row 0 at the bottom
+    # Not packed or saved: the USDZ exporter encodes generated images into the package itself.
     return image
 
 
@@ -155,7 +165,7 @@ def _textured_material(obj: bpy.types.Object, image: bpy.types.Image) -> None:
     links.new(shader.outputs["BSDF"], output.inputs["Surface"])
 
 
-def _export_usdz(usdz_path: Path) -> None:
+def _export_usdz(usdz_path: Path, mesh_colours: bool) -> None:
     """USDZ in API.md's frame: Y up, metres, front +Z (the inverse of the glTF importer's axis change)."""
     bpy.ops.wm.usd_export(
         filepath=str(usdz_path),
@@ -165,7 +175,8 @@ def _export_usdz(usdz_path: Path) -> None:
         generate_preview_surface=True,
         export_uvmaps=True,
         export_normals=True,
-        export_mesh_colors=False,  # the colours live in the texture; faceVarying colours would only add size
+        # With a baked texture the colours live there; faceVarying colours would only add size.
+        export_mesh_colors=mesh_colours,
         export_lights=False,
         export_cameras=False,
         convert_orientation=True,
@@ -176,16 +187,25 @@ def _export_usdz(usdz_path: Path) -> None:
     )
 
 
+def _ensure_empty() -> None:
+    """Each request ends with a reset; reset again only if something (a crash in a hook) left data behind."""
+    if any(scene_counts().values()):
+        reset_scene()
+
+
 def convert(glb_path: Path, usdz_path: Path, bake_size: int, max_faces: int) -> dict[str, int]:
-    """GLB -> USDZ with the vertex colours baked into a texture. Returns the face count written."""
-    reset_scene()
+    """GLB -> USDZ with the vertex colours baked into a texture (bake_size 0: kept as displayColor instead).
+    Returns the face count written."""
+    _ensure_empty()
     try:
         obj = import_glb(glb_path, max_faces)
         faces = len(obj.data.polygons)
         attribute = _colour_attribute(obj)
-        if attribute is not None:
+        if attribute is not None and bake_size > 0:
             _textured_material(obj, bake_vertex_colours(obj, attribute, bake_size))
-        _export_usdz(usdz_path)
+        elif attribute is not None:  # no baking: USD viewers show displayColor, AR Quick Look does not
+            obj.data.color_attributes[attribute].name = "displayColor"
+        _export_usdz(usdz_path, mesh_colours=attribute is not None and bake_size <= 0)
         if not usdz_path.is_file():
             raise RuntimeError("the USD exporter wrote no file")
         return {"faces": faces}
@@ -249,7 +269,7 @@ def _light_scene() -> None:
 
 def render_preview(glb_path: Path, jpeg_path: Path, size: int, max_faces: int) -> dict[str, int]:
     """A size x size JPEG of the model: Cycles on one CPU thread, few samples, camera and key light as above."""
-    reset_scene()
+    _ensure_empty()
     try:
         obj = import_glb(glb_path, max_faces)
         _preview_material(obj, _colour_attribute(obj))

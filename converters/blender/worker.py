@@ -1,6 +1,7 @@
 """A long-lived Blender process: reads one request at a time from its channel, answers on the same channel.
 
 Run by the pool as `<blender python> -m converters.blender.worker --fd N`, where N is one end of a socket pair.
+`--convert GLB USDZ [--bake-size N]` does one conversion in a fresh process and exits (the benchmark's cold case).
 bpy prints to stdout, so replies never go there: the channel carries JSON lines only.
 
 Request: {"id": int, "op": "convert" | "render" | "ping", "glb": str, "out": str, "bake_size": int,
@@ -78,9 +79,19 @@ def serve(channel: socket.socket) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fd", type=int, required=True, help="file descriptor of the channel socket")
+    parser.add_argument("--fd", type=int, help="file descriptor of the channel socket (pool mode)")
+    parser.add_argument("--convert", nargs=2, metavar=("GLB", "USDZ"), help="one conversion, then exit (benchmarks)")
+    parser.add_argument("--bake-size", type=int, default=1024)
+    parser.add_argument("--max-faces", type=int, default=1_000_000)
     args = parser.parse_args()
-    serve(socket.socket(fileno=args.fd))
+    if args.convert:
+        from converters.blender import usdz
+
+        usdz.convert(Path(args.convert[0]), Path(args.convert[1]), args.bake_size, args.max_faces)
+    elif args.fd is not None:
+        serve(socket.socket(fileno=args.fd))
+    else:
+        parser.error("give --fd (pool mode) or --convert GLB USDZ")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def arkit_failures(path: str, stage: Usd.Stage) -> list[str]:
 
 def mesh_data(stage: Usd.Stage) -> tuple[dict, np.ndarray, np.ndarray, list[str]]:
     meshes = [UsdGeom.Mesh(p) for p in stage.Traverse() if p.IsA(UsdGeom.Mesh)]
-    centres, uvs, textures, faces = [], [], [], 0
+    centres, uvs, textures, faces, display_colour = [], [], [], 0, False
     cache = UsdGeom.XformCache()
     for mesh in meshes:
         counts = np.asarray(mesh.GetFaceVertexCountsAttr().Get())
@@ -88,7 +88,12 @@ def mesh_data(stage: Usd.Stage) -> tuple[dict, np.ndarray, np.ndarray, list[str]
         points = np.c_[points, np.ones(len(points))] @ world
         tris = points[indices.reshape(-1, 3), :3]
         centres.append(tris.mean(axis=1))
-        st = UsdGeom.PrimvarsAPI(mesh).GetPrimvar("st")
+        primvars = UsdGeom.PrimvarsAPI(mesh)
+        display_colour = display_colour or primvars.HasPrimvar("displayColor")
+        if not primvars.HasPrimvar("st"):  # not baked: no texture coordinates
+            uvs.append(np.full((len(counts), 2), np.nan))
+            continue
+        st = primvars.GetPrimvar("st")
         values = np.asarray(st.ComputeFlattened(), dtype=np.float64)
         if st.GetInterpolation() == UsdGeom.Tokens.faceVarying:
             corner_uv = values.reshape(-1, 3, 2)
@@ -101,7 +106,8 @@ def mesh_data(stage: Usd.Stage) -> tuple[dict, np.ndarray, np.ndarray, list[str]
                 textures.append(UsdShade.Shader(prim).GetInput("file").Get().path)
     all_centres = np.concatenate(centres)
     info = {"meshes": len(meshes), "faces": faces, "bbox_min": all_centres.min(0).tolist(),
-            "bbox_max": all_centres.max(0).tolist(), "centroid": all_centres.mean(0).tolist()}
+            "bbox_max": all_centres.max(0).tolist(), "centroid": all_centres.mean(0).tolist(),
+            "display_color": display_colour}
     return info, all_centres, np.concatenate(uvs), textures
 
 
