@@ -47,7 +47,11 @@ def glb_100k(work: Path) -> Path:
 
 
 def _gone(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists()
+    """Exited: no such process, or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
 
 
 async def test_blender_is_reset_and_memory_stays_flat_over_100_conversions(pool: BlenderPool, work: Path,
@@ -116,6 +120,32 @@ async def test_close_leaves_no_processes_or_files(small_glb: Path, work: Path) -
     assert not tmp_root.exists()
     with pytest.raises(StageUnavailable):
         await pool.convert(small_glb, work / "after-close.usdz")
+
+
+async def test_workers_exit_when_the_service_process_is_killed(tmp_path: Path) -> None:
+    """No orphans even without a clean close: a worker exits when its channel to the (dead) pool closes."""
+    script = ("import asyncio, sys\n"
+              "from converters.blender.pool import BlenderPool\n"
+              "async def main():\n"
+              "    pool = BlenderPool(workers=2, bake_size=64)\n"
+              "    await pool.start()\n"
+              "    print(*pool.worker_pids(), flush=True)\n"
+              "    await asyncio.sleep(60)\n"
+              "asyncio.run(main())\n")
+    root = Path(__file__).resolve().parents[1]
+    service = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=root,
+                                                   stdout=asyncio.subprocess.PIPE)
+    assert service.stdout is not None
+    line = await asyncio.wait_for(service.stdout.readline(), 60)
+    pids = [int(p) for p in line.split()]
+    assert len(pids) == 2 and not any(_gone(p) for p in pids)
+    service.kill()
+    await service.wait()
+    for _ in range(100):
+        if all(_gone(p) for p in pids):
+            break
+        await asyncio.sleep(0.1)
+    assert all(_gone(p) for p in pids)
 
 
 async def test_start_fails_clearly_without_a_blender_interpreter(tmp_path: Path) -> None:
