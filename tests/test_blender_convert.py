@@ -11,6 +11,7 @@ import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytest_asyncio
 
@@ -152,3 +153,22 @@ async def test_without_baking_colours_stay_as_display_color(pool: BlenderPool, w
     assert report["validation_errors"] == [] and report["arkit_failures"] == []
     assert report["display_color"] is True and report["textures"] == []
     assert report["faces"] == len(read_glb(glb_20k).faces)
+
+
+async def test_several_meshes_with_transforms_become_one_mesh_in_place(pool: BlenderPool, work: Path) -> None:
+    """A GLB of two transformed nodes: joined into one mesh, every triangle where the GLB's scene puts it."""
+    import trimesh
+
+    scene = trimesh.Scene()
+    scene.add_geometry(blob_mesh(40), node_name="left", transform=trimesh.transformations.translation_matrix([-0.3, 0, 0]))
+    turned = trimesh.transformations.rotation_matrix(np.pi / 2, [0, 1, 0])
+    turned[:3, 3] = [0.3, 0.05, 0.1]
+    scene.add_geometry(blob_mesh(40), node_name="right", transform=turned)
+    glb = work / "two-nodes.glb"
+    glb.write_bytes(scene.export(file_type="glb"))
+    usdz = work / "two-nodes.usdz"
+    await pool.convert(glb, usdz)
+    report, arrays = inspect_usdz(usdz, work)
+    assert_ar_ready(report, glb)
+    mean_error, match_distance = colour_error(glb, usdz, report, arrays)
+    assert match_distance < 1e-6 and mean_error < 3.0
