@@ -211,7 +211,7 @@ async function loadExamples() {
 }
 
 const NOT_INSTALLED = "The 3D viewer is not installed on this server (run make, or npm ci --prefix web), "
-  + "so the model cannot be shown here. The downloads below still work.";
+  + "so models cannot be shown in 3D here; their downloads still work.";
 let viewerInstalled = null; // null while the module loads
 
 // <model-viewer> is served by us from web/node_modules; without it the page still works, minus the 3D view.

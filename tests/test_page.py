@@ -1,0 +1,253 @@
+"""The demo page at "/" in a real browser: Debian's chromium driven by Playwright, against the real `bentoml serve`
+with the test stages of tests/stages.py behind it. Screenshots go to test-output/ for a person to look at."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trimesh
+import uvicorn
+from fastapi import FastAPI
+
+from pipeline.web import mount_web
+from tests.server import ROOT, Server, free_port
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+# Headless chromium on a machine without a GPU: SwiftShader gives model-viewer the WebGL it needs to fire `load`.
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run", "--use-angle=swiftshader",
+                 "--enable-unsafe-swiftshader"]
+SCREENSHOTS = ROOT / "test-output"
+STAGE_SLEEP_S = "1"
+LOAD_TIMEOUT_MS = 60_000  # SwiftShader compiles model-viewer's shaders on the CPU: seconds on a busy machine
+
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "TEST_IMAGE_SLEEP_S": STAGE_SLEEP_S,
+           "TEST_3D_SLEEP_S": STAGE_SLEEP_S, "TEST_CONVERT_SLEEP_S": STAGE_SLEEP_S}
+    with Server(tmp_path_factory.mktemp("page"), env) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def browser():
+    SCREENSHOTS.mkdir(exist_ok=True)
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+class Tab:
+    """One page plus what it did: JavaScript errors and every URL it requested."""
+
+    def __init__(self, browser, server: Server, width: int = 1100, height: int = 900) -> None:
+        self.context = browser.new_context(viewport={"width": width, "height": height})
+        self.page = self.context.new_page()
+        self.page.set_default_timeout(LOAD_TIMEOUT_MS)
+        self.errors: list[str] = []
+        self.requests: list[str] = []
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.goto(server.url + "/")
+
+    def shot(self, name: str) -> None:
+        self.page.screenshot(path=str(SCREENSHOTS / f"page-{name}.png"), full_page=True)
+
+    def text(self, selector: str) -> str:
+        return self.page.locator(selector).inner_text()
+
+    def wait_viewer(self, state: str = "loaded") -> None:
+        self.page.wait_for_selector(f"#viewer[data-state={state}]")
+
+    def dimensions(self) -> list[float]:
+        d = self.page.evaluate("document.getElementById('viewer').getDimensions()")
+        return [d["x"], d["y"], d["z"]]
+
+
+@pytest.fixture()
+def tab(browser, server) -> Iterator[Tab]:
+    t = Tab(browser, server)
+    yield t
+    t.context.close()
+    assert t.errors == [], t.errors
+
+
+def count_loads(tab: Tab) -> None:
+    """Record every `load` event of <model-viewer> in window.loads, independently of the page's own handlers."""
+    tab.page.evaluate("""() => { window.loads = [];
+        const v = document.getElementById('viewer');
+        v.addEventListener('load', () => window.loads.push(v.getAttribute('src'))); }""")
+
+
+def test_example_card_opens_and_model_viewer_loads_its_glb(tab, server):
+    examples = httpx.get(server.url + "/api/examples").json()["examples"]
+    first = examples[0]
+    tab.page.wait_for_selector(".card")
+    assert tab.page.locator(".card").count() == len(examples)
+    assert tab.page.locator(".card .name").all_inner_texts() == [e["name"] for e in examples]
+    count_loads(tab)
+    before = len(tab.requests)
+    tab.page.locator(f".card[data-job-id='{first['job_id']}']").click()
+    tab.page.wait_for_function("window.loads.length > 0")
+    tab.wait_viewer()
+    tab.shot("example")
+
+    asset = f"/api/asset/{first['job_id']}?asset_type="
+    assert tab.page.evaluate("window.loads") == [asset + "glb"]
+    viewer = tab.page.locator("#viewer")
+    assert viewer.get_attribute("ios-src") == asset + "usdz"
+    assert "quick-look" in viewer.get_attribute("ar-modes") and "scene-viewer" in viewer.get_attribute("ar-modes")
+    assert tab.page.evaluate("document.getElementById('viewer').loaded") is True
+    # The viewer shows the example's own mesh: its size as model-viewer measures it is the GLB's on disk.
+    slug = first["job_id"].removeprefix("ex_")
+    extents = trimesh.load(ROOT / "examples" / slug / "model.glb").extents
+    assert tab.dimensions() == pytest.approx(list(extents), abs=1e-4)
+    # It opened at once: no status round trip, only the example's own files.
+    opened = tab.requests[before:]
+    assert not any("/api/status/" in u for u in opened), opened
+    for link, kind, suffix in (("#dl-image", "image", "jpg"), ("#dl-glb", "glb", "glb"), ("#dl-usdz", "usdz", "usdz")):
+        assert tab.page.locator(link).get_attribute("href") == asset + kind
+        assert tab.page.locator(link).get_attribute("download") == f"{first['job_id']}.{suffix}"
+    # model-viewer and everything else came from our server: no CDN.
+    assert all(u.startswith(server.url) or u.startswith("data:") for u in tab.requests), tab.requests
+    assert server.url + "/static/model-viewer.min.js" in tab.requests
+
+
+def test_job_shows_progress_advancing_then_the_model(tab, server):
+    # A MutationObserver sees every value the bar takes, however briefly.
+    tab.page.evaluate("""() => { window.steps = [];
+        const bar = document.getElementById('bar'), stage = document.getElementById('stage');
+        const note = () => window.steps.push([bar.value, stage.textContent]);
+        new MutationObserver(note).observe(stage, {childList: true, characterData: true, subtree: true}); }""")
+    count_loads(tab)
+    tab.page.fill("#prompt", "a red teapot")
+    tab.page.press("#prompt", "Enter")
+    tab.page.wait_for_function("window.steps.some(s => s[1].startsWith('Building the 3D model'))")
+    tab.shot("progress")
+    tab.wait_viewer()
+    tab.shot("job-done")
+
+    steps = tab.page.evaluate("window.steps")
+    values = [v for v, _ in steps]
+    assert values == sorted(values), steps
+    assert len(set(values)) >= 3, steps
+    words = " | ".join(text for _, text in steps)
+    for stage in ("Painting the picture", "Building the 3D model", "Making the AR file"):
+        assert stage in words, steps
+    assert tab.page.locator("#progress").is_hidden()
+    assert tab.text("#result-title") == "a red teapot"
+    job_id = tab.page.evaluate("location.hash").removeprefix("#job=")
+    assert tab.page.evaluate("window.loads") == [f"/api/asset/{job_id}?asset_type=glb"]
+    # tests/stages.py makes a 0.5 x 0.3 x 0.4 m box: the viewer shows that mesh, not a leftover.
+    assert tab.dimensions() == pytest.approx([0.5, 0.3, 0.4], abs=1e-4)
+    status = httpx.get(f"{server.url}/api/status/{job_id}").json()
+    assert status["status"] == "complete"
+
+
+def test_job_error_is_shown_in_words(tab):
+    tab.page.fill("#prompt", "fail-image: a teapot")
+    tab.page.click("#generate")
+    tab.page.wait_for_selector("#error:not([hidden])")
+    tab.shot("job-error")
+    assert tab.text("#error") == "xAI rejected the prompt: test refusal."
+    assert tab.page.locator("#progress").is_hidden()
+    assert tab.page.locator("#result").is_hidden()
+
+
+def test_a_refused_request_shows_the_servers_error(tab):
+    tab.page.fill("#prompt", "x" * 1100)
+    tab.page.press("#prompt", "Enter")
+    tab.page.wait_for_selector("#error:not([hidden])")
+    assert tab.text("#error") == "Prompt too long (max 1024 characters)"
+    assert tab.page.locator("#progress").is_hidden()
+
+
+def test_an_unreachable_server_is_said_in_words(tab, server):
+    # The connection is refused at the browser's network layer, as it is when the server is down.
+    tab.page.route(server.url + "/api/**", lambda route: route.abort("connectionrefused"))
+    tab.page.fill("#prompt", "a teapot")
+    tab.page.press("#prompt", "Enter")
+    tab.page.wait_for_selector("#error:not([hidden])")
+    tab.shot("unreachable")
+    assert tab.text("#error").startswith("The server cannot be reached.")
+
+
+def test_unknown_job_in_the_address_says_job_not_found(browser, server):
+    t = Tab(browser, server)
+    t.page.goto(server.url + "/#job=00000000")
+    t.page.reload()
+    t.page.wait_for_selector("#error:not([hidden])")
+    assert t.text("#error") == "Job not found"
+    t.context.close()
+    assert t.errors == []
+
+
+def test_phone_viewport_has_no_sideways_scroll_and_every_control_is_reachable_by_tab(browser, server):
+    t = Tab(browser, server, width=390, height=844)
+    t.page.wait_for_selector(".card")
+    t.page.locator(".card").first.click()
+    t.wait_viewer()
+    t.shot("phone")
+    assert t.page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+
+    # Every visible control gets a key; then Tab walks the page from the top and must meet each one.
+    controls = t.page.evaluate("""() => {
+        const all = [...document.querySelectorAll('a[href], button, input, model-viewer')]
+            .filter(el => el.getClientRects().length > 0);
+        all.forEach((el, i) => el.dataset.key = String(i));
+        return all.map(el => el.dataset.key); }""")
+    assert len(controls) >= 10  # prompt, button, 3 downloads, the viewer, 3 cards, 2 footer links
+    t.page.evaluate("document.activeElement.blur(); window.scrollTo(0, 0)")
+    reached: list[str] = []
+    for _ in range(3 * len(controls)):
+        t.page.keyboard.press("Tab")
+        focus = t.page.evaluate("""() => { const el = document.activeElement, r = el.getBoundingClientRect();
+            return {key: el.dataset.key || null, left: r.left, right: r.right}; }""")
+        if focus["key"] is not None:
+            reached.append(focus["key"])
+            # What has focus can be seen: it lies within the phone's width.
+            assert focus["left"] >= 0 and focus["right"] <= 390, focus
+    assert set(controls) <= set(reached), (controls, reached)
+    t.context.close()
+    assert t.errors == []
+
+
+def test_page_without_model_viewer_says_the_viewer_is_not_installed(browser, tmp_path):
+    """A checkout where `npm ci --prefix web` has not run: mount_web over a web folder with no node_modules,
+    served by uvicorn on 127.0.0.1. The page still loads and says in words what is missing."""
+    web = tmp_path / "web"
+    web.mkdir()
+    for name in ("index.html", "app.js", "style.css"):
+        shutil.copy(ROOT / "web" / name, web / name)
+    app = FastAPI()
+    mount_web(app, web)
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    try:
+        while not uv.started:
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/static/model-viewer.min.js").status_code == 404
+        page = browser.new_page()
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.wait_for_selector("#notice:not([hidden])")
+        page.screenshot(path=str(SCREENSHOTS / "page-no-viewer.png"), full_page=True)
+        assert page.locator("#notice").inner_text().startswith("The 3D viewer is not installed on this server")
+        assert page.locator("#prompt").is_visible()
+        page.close()
+    finally:
+        uv.should_exit = True
+        thread.join(10)
