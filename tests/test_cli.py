@@ -1,0 +1,148 @@
+"""The `grok3d` command, run as a subprocess (`python -m grok3d_cli`, what the console script calls) against the
+real `bentoml serve` with the test stages of tests/stages.py behind it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import trimesh
+
+from tests.server import ROOT, Server, free_port, wait_job
+
+PROGRESS_LINE = re.compile(r"\[[#-]+\]\s+(\d+)%\s+(\S+?):?(\s|$)")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "TEST_IMAGE_SLEEP_S": "0.4",
+           "TEST_3D_SLEEP_S": "0.4", "TEST_CONVERT_SLEEP_S": "0.4"}
+    with Server(tmp_path_factory.mktemp("cli"), env) as srv:
+        yield srv
+
+
+def grok3d(*args: str, server: str | None = None, env: dict[str, str] | None = None,
+           timeout_s: float = 60) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if k != "GROK3D_SERVER"}
+    argv = [sys.executable, "-m", "grok3d_cli", *args, *(["--server", server] if server else [])]
+    return subprocess.run(argv, cwd=ROOT, env={**base, **(env or {})}, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, code: int, message: str) -> None:
+    """A refusal is a single `grok3d: ...` line on stderr (after any progress lines), never a traceback."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    last = result.stderr.rstrip("\n").splitlines()[-1]
+    assert last == f"grok3d: {message}", result.stderr
+    assert result.stdout == ""
+
+
+def test_generate_downloads_image_glb_and_usdz_and_prints_their_paths(server, tmp_path):
+    out = tmp_path / "models"
+    result = grok3d("generate", "a red teapot", "-o", str(out), server=server.url)
+    assert result.returncode == 0, result.stderr
+
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    job_id = paths[0].stem
+    assert paths == [out / f"{job_id}.jpg", out / f"{job_id}.glb", out / f"{job_id}.usdz"]
+    # Each file is the asset the API serves, byte for byte.
+    with httpx.Client(base_url=server.url) as client:
+        for path, kind in zip(paths, ("image", "glb", "usdz")):
+            assert path.read_bytes() == client.get(f"/api/asset/{job_id}", params={"asset_type": kind}).content
+    assert trimesh.load(paths[1]).extents == pytest.approx([0.5, 0.3, 0.4])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in paths)  # no temporary files left
+
+    # The bar names the stages, in order, and never goes back.
+    steps = [(int(m[1]), m[2]) for m in map(PROGRESS_LINE.search, result.stderr.splitlines()) if m]
+    stages = list(dict.fromkeys(stage for _, stage in steps))
+    assert stages[-4:] == ["generating_image", "generating_3d", "converting_usdz", "complete"], result.stderr
+    values = [v for v, _ in steps]
+    assert values == sorted(values) and values[-1] == 100, result.stderr
+
+
+def test_generate_exits_1_with_the_jobs_error(server, tmp_path):
+    result = grok3d("generate", "fail-image: a teapot", "-o", str(tmp_path), server=server.url)
+    job_id = re.search(r"job ([0-9a-f]{8}) queued", result.stderr)[1]
+    assert_one_line_error(result, 1, f"job {job_id} failed: xAI rejected the prompt: test refusal.")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("", "No prompt provided"),
+    ("   ", "No prompt provided"),
+    ("x" * 1025, "Prompt too long (max 1024 characters)"),
+])
+def test_a_refused_prompt_shows_the_servers_words(server, tmp_path, prompt, message):
+    assert_one_line_error(grok3d("generate", prompt, "-o", str(tmp_path), server=server.url), 1, message)
+
+
+def test_status_of_a_job_exits_0_and_prints_it(server):
+    with httpx.Client(base_url=server.url) as client:
+        job_id = client.post("/api/generate", json={"prompt": "a blue chair"}).json()["job_id"]
+        expected = wait_job(client, job_id)
+    result = grok3d("status", job_id, server=server.url)
+    assert result.returncode == 0, result.stderr
+    lines = dict(re.split(r":\s+", line, maxsplit=1) for line in result.stdout.splitlines())
+    assert lines["job_id"] == job_id and lines["status"] == expected["status"] == "complete"
+    assert lines["progress"] == "100%" and lines["prompt"] == "a blue chair"
+
+    as_json = grok3d("status", job_id, "--json", server=server.url)
+    assert as_json.returncode == 0 and json.loads(as_json.stdout) == expected
+
+
+@pytest.mark.parametrize("job_id", ["0badc0de", "ex_no-such-example", "../examples", "..", "a/b"])
+def test_status_of_an_unknown_job_exits_1_with_job_not_found(server, job_id):
+    assert_one_line_error(grok3d("status", job_id, server=server.url), 1, "Job not found")
+
+
+def test_examples_lists_every_example_and_reads_the_server_from_the_environment(server):
+    expected = httpx.get(server.url + "/api/examples").json()["examples"]
+    result = grok3d("examples", env={"GROK3D_SERVER": server.url})
+    assert result.returncode == 0, result.stderr
+    rows = result.stdout.splitlines()
+    assert [row.split()[0] for row in rows] == [e["job_id"] for e in expected]
+    assert all(e["name"] in row for e, row in zip(expected, rows))
+    as_json = grok3d("examples", "--json", server=server.url)
+    assert json.loads(as_json.stdout) == {"examples": expected}
+
+
+@pytest.mark.parametrize("args", [["generate", "a teapot"], ["status", "0badc0de"], ["examples"]])
+def test_a_server_that_is_down_gives_one_line_and_exit_3(args, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    result = grok3d(*args, "-o", str(tmp_path), server=url) if args[0] == "generate" else grok3d(*args, server=url)
+    assert result.returncode == 3, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"grok3d: cannot reach the grok3d server at {url}")
+
+
+def test_the_default_server_is_localhost_8000():
+    result = grok3d("examples")
+    # Whether or not something listens there, the command must have tried localhost:8000.
+    assert "Traceback" not in result.stderr
+    if result.returncode != 0:
+        assert "http://localhost:8000" in result.stderr
+
+
+def test_giving_up_waiting_leaves_the_job_running_and_says_how_to_follow_it(server, tmp_path):
+    result = grok3d("generate", "a slow teapot", "-o", str(tmp_path), "--timeout", "0", server=server.url)
+    job_id = re.search(r"job ([0-9a-f]{8}) queued", result.stderr)[1]
+    assert result.returncode == 1
+    assert f"it goes on in the server: grok3d status {job_id}" in result.stderr.splitlines()[-1]
+    with httpx.Client(base_url=server.url) as client:
+        assert wait_job(client, job_id)["status"] == "complete"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(server, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = grok3d("generate", "a teapot", "-o", str(blocker / "models"), server=server.url)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("grok3d: ") and str(blocker) in result.stderr
