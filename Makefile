@@ -1,4 +1,4 @@
-# grok3d — `make serve` and `make test` each set up what they need first.
+# grok3d — `make serve` and `make test` each set up what they need first (see README.md).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -7,8 +7,13 @@ PORT ?= 8000
 export BENTOML_DO_NOT_TRACK := true
 export GROK3D_DATA_DIR ?= $(CURDIR)/data
 export BENTOML_HOME ?= $(GROK3D_DATA_DIR)/bentoml
+BENTOML := $(VENV)/bin/bentoml
+PY := $(VENV)/bin/python
+# make dev: a tiny TripoSR with seeded random weights and the fake xAI server — no key, no download.
+DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
+DEV_XAI_PORT ?= 8100
 
-.PHONY: .venv .venv-blender serve test
+.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -17,12 +22,60 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e . --group dev
 	touch $@
 
-# The Blender workers' environment: bpy pins numpy < 2.
+# The Blender workers' environment: bpy pins numpy < 2, which the model's environment does not want.
 $(BVENV)/.installed: pyproject.toml
 	test -x $(BVENV)/bin/python || $(PYTHON) -m venv $(BVENV)
 	$(BVENV)/bin/python -m pip install -q --upgrade 'pip>=25.1'
 	$(BVENV)/bin/python -m pip install -q --group blender
 	touch $@
 
-.venv: $(VENV)/.installed $(BVENV)/.installed
+# The page's 3D viewer (<model-viewer>), served by us from web/node_modules: no CDN.
+web/node_modules/.installed: web/package.json web/package-lock.json
+	npm ci --prefix web --no-audit --no-fund --loglevel=error
+	touch $@
+
+.venv: $(VENV)/.installed $(BVENV)/.installed web/node_modules/.installed
 .venv-blender: $(BVENV)/.installed
+
+$(GROK3D_DATA_DIR)/tmp:
+	mkdir -p $@
+
+# BentoML's sockets and Blender's scratch files go to TMPDIR: keep them under the data folder.
+serve: .venv | $(GROK3D_DATA_DIR)/tmp
+	TMPDIR=$(GROK3D_DATA_DIR)/tmp $(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
+
+$(DEV_MODEL)/model.ckpt: | $(VENV)/.installed
+	$(PY) -m runners.triposr init-random $(DEV_MODEL) --config tiny --seed 0
+
+dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_DATA_DIR)/tmp
+	$(PY) -m tests.fakes.xai --port $(DEV_XAI_PORT) & trap "kill $$!" EXIT; \
+	TMPDIR=$(GROK3D_DATA_DIR)/tmp XAI_API_KEY=test-key XAI_BASE_URL=http://127.0.0.1:$(DEV_XAI_PORT)/v1 \
+	TRIPOSR_MODEL=$(DEV_MODEL) TRIPOSR_MC_THRESHOLD=$${TRIPOSR_MC_THRESHOLD:-0.5} \
+	TRIPOSR_MC_RESOLUTION=$${TRIPOSR_MC_RESOLUTION:-96} \
+	$(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
+
+test: .venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: .venv
+	$(PY) bench/api_bench.py
+	$(PY) bench/convert_bench.py
+	$(PY) bench/triposr_model_bench.py
+	$(PY) bench/triposr_service_bench.py
+
+import-model: .venv
+	@test -n "$(SRC)" || { echo 'usage: make import-model SRC=stabilityai/TripoSR | SRC=/path/to/folder | SRC=/path/model.ckpt'; exit 2; }
+	$(PY) -m runners.triposr import-model "$(SRC)"
+
+promote: .venv
+	@test -n "$(JOB)" -a -n "$(NAME)" -a -n "$(DESCRIPTION)" || { echo 'usage: make promote JOB=<id> NAME="..." DESCRIPTION="..."'; exit 2; }
+	$(PY) -m pipeline.examples promote "$(JOB)" --name "$(NAME)" --description "$(DESCRIPTION)"
+
+examples: .venv
+	$(PY) -m converters.blender.examples build
+
+# A Bento of the API service, the TripoSR service and the model TRIPOSR_MODEL names (default triposr:latest).
+build: .venv
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+		> build-requirements.txt
+	$(BENTOML) build

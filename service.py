@@ -19,11 +19,19 @@ settings = get_settings()
 app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings)
 
 
+# Status polls are the hot path (every client polls every second or so): they skip the access log, the
+# per-request metrics and tracing, which together cost more than the route itself. Job state changes are logged
+# by the orchestrator instead.
+POLL_PATHS = ["/api/status/"]
+
+
 @bentoml.service(
     name="grok3d",
     workers=1,
     traffic={"timeout": 60},
     http={"port": settings.port},
+    logging={"access": {"enabled": True, "skip_paths": POLL_PATHS}},
+    tracing={"excluded_urls": POLL_PATHS},
 )
 @bentoml.asgi_app(app, path="/")
 class Grok3D:

@@ -26,6 +26,7 @@ from pipeline.jobs import JobStore, QueueFull, Status, Stage
 from pipeline.orchestrator import Orchestrator
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
+from pipeline.web import mount_web
 from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
                               is_example_id, is_job_id)
 
@@ -77,6 +78,7 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None) 
                                                             "Content-Range", "Accept-Ranges"])
     _install_error_handlers(app)
     _install_routes(app)
+    mount_web(app)
     return app
 
 
@@ -204,16 +206,18 @@ def _install_routes(app: FastAPI) -> None:
         return schemas.GenerateResponse(job_id=job.job_id, status=job.status.value)
 
     @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus)
-    async def status(job_id: str, request: Request) -> schemas.JobStatus:
+    async def status(job_id: str, request: Request) -> Response:
         runtime = _runtime(request)
         if is_example_id(job_id):
-            return _example_status(runtime, job_id)
+            return JSONResponse(_example_status(runtime, job_id).model_dump())
         job = runtime.store.get(job_id) if is_job_id(job_id) else None
         if job is None:
             raise ApiError(404, "Job not found")
-        return schemas.JobStatus(job_id=job.job_id, status=job.status.value, stage=job.stage.value,
-                                 progress=job.progress, created_at=job.created_at, prompt=job.prompt,
-                                 error=job.error, model_version=job.model_version)
+        # The hot path: a plain dict straight to JSON (the response model documents it; re-validating a row we
+        # wrote ourselves would only cost time).
+        return JSONResponse({"job_id": job.job_id, "status": job.status.value, "stage": job.stage.value,
+                             "progress": job.progress, "created_at": job.created_at, "prompt": job.prompt,
+                             "error": job.error, "model_version": job.model_version})
 
     @app.get("/api/asset/{job_id:path}")
     async def asset(job_id: str, request: Request) -> Response:

@@ -40,6 +40,13 @@ def init_random(args: argparse.Namespace) -> int:
     return 0
 
 
+def import_model(args: argparse.Namespace) -> int:
+    from runners.triposr.store import import_model as put_in_store
+
+    print(put_in_store(args.source))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runners.triposr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +64,11 @@ def main(argv: list[str] | None = None) -> int:
     ini.add_argument("--config", choices=["official", "tiny"], default="tiny")
     ini.add_argument("--seed", type=int, default=0)
     ini.set_defaults(run=init_random)
+    imp = sub.add_parser("import-model", help="validate a checkpoint and put it in the BentoML model store; "
+                                              "prints its tag triposr:<version>")
+    imp.add_argument("source", help="Hugging Face repo id, a folder with config.yaml + model.ckpt, or a .ckpt "
+                                    "with config.yaml beside it")
+    imp.set_defaults(run=import_model)
     args = parser.parse_args(argv)
     from runners.triposr.loading import ModelLoadError
 
