@@ -34,7 +34,7 @@ IN_FLIGHT = 8
 
 def cold_seconds(glb: Path, out: Path, bake_size: int) -> float:
     """Median wall time of a fresh Blender process doing one conversion."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
     times = []
     for _ in range(REPEATS):
         started = time.perf_counter()

@@ -81,7 +81,9 @@ class _Worker:
 
     async def start(self) -> None:
         parent, child = socket.socketpair()
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1")
+        # One core per worker: numpy's thread pools stay single-threaded like Cycles (set in usdz.py).
+        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1",
+                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
         try:
             self.process = await asyncio.create_subprocess_exec(
                 str(self.python), "-m", "converters.blender.worker", "--fd", str(child.fileno()),
