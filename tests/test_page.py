@@ -251,3 +251,25 @@ def test_page_without_model_viewer_says_the_viewer_is_not_installed(browser, tmp
     finally:
         uv.should_exit = True
         thread.join(10)
+
+
+def test_bentoml_ui_stays_reachable_at_bentoml(browser, server):
+    """Our page owns "/", so BentoML's Swagger UI is served at /bentoml (service.py calls mount_bentoml_ui); it
+    still reads BentoML's own /docs.json and /static_content, which are local files: it renders offline."""
+    page = browser.new_page()
+    page.set_default_timeout(15_000)
+    specs: list[int] = []
+    page.on("response", lambda r: specs.append(r.status) if r.url == server.url + "/docs.json" else None)
+    page.goto(server.url + "/bentoml")
+    page.wait_for_function("(document.querySelector('.swagger-ui .info .title') || {}).textContent")
+    assert "grok3d" in page.locator(".swagger-ui .info .title").text_content()
+    assert specs == [200]
+    page.close()
+
+
+def test_fastapi_docs_stay_at_api_docs(server):
+    # Not rendered here: FastAPI's docs page loads Swagger UI from a CDN, which this offline browser cannot reach.
+    page = httpx.get(server.url + "/api/docs")
+    assert page.status_code == 200 and "/api/openapi.json" in page.text
+    spec = httpx.get(server.url + "/api/openapi.json").json()
+    assert "/api/generate" in spec["paths"] and "/" not in spec["paths"]  # the page's routes stay out of it
