@@ -28,7 +28,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, *, service: str = "service:Grok3D",
-                 log_name: str = "server.log") -> None:
+                 log_name: str = "server.log", ready: str = "/livez") -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -45,15 +45,16 @@ class Server:
             **(env or {}),
         }
         self.proc: subprocess.Popen | None = None
+        self.ready = ready  # the path that answers 200 once the server is up
 
-    def start(self, *, ready: str = "/livez", timeout_s: float = 90.0) -> "Server":
+    def start(self, *, timeout_s: float = 120.0) -> "Server":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bentoml", "serve", self.service, "--port", str(self.port), "--host", "127.0.0.1"],
             cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        self.wait_for(ready, timeout_s)
+        self.wait_for(self.ready, timeout_s)
         return self
 
     def wait_for(self, path: str, timeout_s: float = 90.0, status: int = 200) -> None:

@@ -100,3 +100,9 @@ def sleepy(settings: Settings, reconstructor: Reconstructor | None = None) -> St
     image = SleepyImage() if settings.xai_api_key else Unavailable("Image generation is not configured.")
     model = Unavailable("no TripoSR checkpoint") if os.environ.get("TEST_MODEL") == "missing" else BoxReconstructor()
     return Stages(image=image, prepare=CopyPrepare(), reconstruct=model, convert=ZipConverter())
+
+
+def real_model(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real TripoSR service behind the 3D stage; quick test stages around it."""
+    assert reconstructor is not None, "real_model needs the TripoSR service (service.py passes it)"
+    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=reconstructor, convert=ZipConverter())

@@ -1,0 +1,128 @@
+"""The TripoSR service through the real `bentoml serve`: adaptive batching, model versions from the store, a broken
+or missing checkpoint, overload. A tiny TripoSR with seeded random weights stands in for the official one."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from runners.triposr.loading import write_random_checkpoint
+from tests.server import ROOT, Server, wait_job
+from tests.test_api import assert_error
+
+FAST = {"TRIPOSR_MC_RESOLUTION": "32", "TRIPOSR_MC_THRESHOLD": "0.5", "TRIPOSR_DEVICE": "cpu"}
+REAL_MODEL = {"GROK3D_STAGES": "tests.stages:real_model", "XAI_API_KEY": "test-key"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return write_random_checkpoint(tmp_path_factory.mktemp("model") / "tiny", config="tiny", seed=0)
+
+
+def import_model(src: Path, home: Path) -> str:
+    env = {**os.environ, "BENTOML_HOME": str(home), "BENTOML_DO_NOT_TRACK": "true"}
+    out = subprocess.run([sys.executable, "-m", "runners.triposr", "import-model", str(src)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+def _jobs(srv: Server, prompts: list[str], concurrent: bool) -> list[dict]:
+    """Submit jobs (all at once, or each after the last finished) and return their final statuses."""
+    with httpx.Client(base_url=srv.url, timeout=60) as c:
+        if concurrent:
+            ids = [c.post("/api/generate", json={"prompt": p}).json()["job_id"] for p in prompts]
+            return [wait_job(c, i, timeout_s=300) for i in ids]
+        return [wait_job(c, c.post("/api/generate", json={"prompt": p}).json()["job_id"], timeout_s=300)
+                for p in prompts]
+
+
+def _glb(srv: Server, job_id: str) -> bytes:
+    r = httpx.get(f"{srv.url}/api/asset/{job_id}", params={"asset_type": "glb"})
+    assert r.status_code == 200
+    return r.content
+
+
+def test_batches_form_and_every_answer_equals_the_one_at_a_time_answer(tiny, tmp_path):
+    """Jobs through the API service, whose 3D stage calls the TripoSR service like production does."""
+    tag = import_model(tiny, tmp_path / "bentoml")
+    assert re.fullmatch(r"triposr:[0-9a-f]{12}", tag)
+    env = {**FAST, **REAL_MODEL, "TRIPOSR_MAX_BATCH_SIZE": "4", "TRIPOSR_MAX_LATENCY_MS": "120000"}
+    prompts = [f"block {i}" for i in range(4)]
+    with Server(tmp_path, env, ready="/readyz") as srv:  # TRIPOSR_MODEL: triposr:latest, the import above
+        alone = _jobs(srv, prompts, concurrent=False)
+        together = _jobs(srv, prompts * 2, concurrent=True)
+        assert all(j["status"] == "complete" and j["model_version"] == tag for j in alone + together)
+        alone_glbs = [_glb(srv, j["job_id"]) for j in alone]
+        together_glbs = [_glb(srv, j["job_id"]) for j in together]
+        log = srv.log()
+        metrics = httpx.get(srv.url + "/metrics").text
+    assert all(glb[:4] == b"glTF" for glb in alone_glbs)
+    assert together_glbs == alone_glbs * 2  # byte for byte: batching changes nothing in the result
+    sizes = [int(n) for n in re.findall(r"TripoSR batch of (\d+)", log)]
+    assert max(sizes) > 1, sizes
+    assert sum(sizes) == 12
+    assert "bentoml_service_adaptive_batch_size" in metrics
+
+
+def test_overload_becomes_a_retry(tiny, tmp_path):
+    """BentoML's real "process is overloaded" (a latency budget far below one batch's duration) is retried by the
+    orchestrator; a job whose retries all meet it ends with that sentence (tests/test_jobs.py makes it persist)."""
+    env = {**FAST, **REAL_MODEL, "TRIPOSR_MODEL": str(tiny), "TRIPOSR_MAX_LATENCY_MS": "5",
+           "TRIPOSR_MC_RESOLUTION": "48"}
+    with Server(tmp_path, env, ready="/readyz") as srv:
+        jobs = _jobs(srv, [f"block {i}" for i in range(12)], concurrent=True)
+        log = srv.log()
+    assert "ServiceUnavailable: process is overloaded" in log
+    assert re.search(r"stage generating_3d: .*overloaded.* \(retry 1 in", log)
+    for job in jobs:
+        assert job["status"] == "complete" or job["error"] == (
+            "The 3D model could not be generated: the TripoSR service is overloaded, please try again later."), job
+
+
+def _grok3d_env(model: str) -> dict[str, str]:
+    # A key that nothing will use: the model check is what these tests are about.
+    return {**FAST, "TRIPOSR_MODEL": model, "XAI_API_KEY": "unused", "XAI_BASE_URL": "http://127.0.0.1:9/v1",
+            "GROK3D_BLENDER_WORKERS": "1"}
+
+
+def test_a_corrupt_checkpoint_starts_and_says_why(tiny, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_bytes((tiny / "config.yaml").read_bytes())
+    (broken / "vit").mkdir()
+    (broken / "vit" / "config.json").write_bytes((tiny / "vit" / "config.json").read_bytes())
+    (broken / "model.ckpt").write_bytes((tiny / "model.ckpt").read_bytes()[:5000])  # truncated
+    with Server(tmp_path, _grok3d_env(str(broken))) as srv, httpx.Client(base_url=srv.url) as c:
+        srv.wait_for("/readyz", status=503)
+        ready = c.get("/readyz")
+        assert "could not be loaded" in ready.text and str(broken / "model.ckpt") in ready.text
+        assert_error(c.post("/api/generate", json={"prompt": "cat"}), 503,
+                     "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)")
+        assert c.get("/api/examples").status_code == 200
+        assert "corrupt or truncated" in srv.log() and str(broken / "model.ckpt") in srv.log()
+
+
+def test_without_any_checkpoint_the_service_is_ready_and_generate_is_503(tmp_path):
+    with Server(tmp_path, _grok3d_env("triposr:latest")) as srv, httpx.Client(base_url=srv.url) as c:
+        srv.wait_for("/readyz")
+        assert_error(c.post("/api/generate", json={"prompt": "cat"}), 503,
+                     "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)")
+        assert c.get("/api/asset/ex_robot-mascot", params={"asset_type": "glb"}).status_code == 200
+
+
+def test_bentoml_build_packs_the_model_the_service_names(tiny, tmp_path):
+    home = tmp_path / "bentoml"
+    tag = import_model(tiny, home)
+    env = {**os.environ, "BENTOML_HOME": str(home), "GROK3D_DATA_DIR": str(tmp_path), "TRIPOSR_MODEL": tag}
+    subprocess.run(["make", "build"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=300)
+    [bento_yaml] = (home / "bentos" / "grok3d").glob("*/bento.yaml")
+    manifest = yaml.safe_load(bento_yaml.read_text())
+    [triposr] = [s for s in manifest["services"] if s["name"] == "triposr"]
+    assert [m["tag"] for m in triposr["models"]] == [tag]
