@@ -3,12 +3,16 @@ TripoSR service. Nothing else lives here: the pipeline knows nothing of BentoML.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import _bentoml_impl.server as _bentoml_server  # where BentoML keeps its UI page
 import bentoml
 from starlette.exceptions import HTTPException
 
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
+from pipeline.web import mount_bentoml_ui
 from pipeline.settings import get_settings
 from pipeline.stages import ModelState
 from runners.triposr.client import TripoSRStage
@@ -16,7 +20,11 @@ from runners.triposr.service import TripoSRService
 
 setup_logging()
 settings = get_settings()
-app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings)
+# BentoML serves Swagger UI's files at /static_content: our /api/docs uses them, so the docs work offline.
+app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings,
+                 swagger_assets_url="/static_content")
+# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content).
+mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html")
 
 
 # Status polls are the hot path (every client polls every second or so): they skip the access log, the

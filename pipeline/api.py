@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -58,8 +59,13 @@ class Runtime:
 StagesFactory = Callable[[Settings], Stages]
 
 
-def create_app(stages_factory: StagesFactory, settings: Settings | None = None) -> FastAPI:
-    """The app; `stages_factory` builds the stage backends once the process runs (in the lifespan)."""
+def create_app(stages_factory: StagesFactory, settings: Settings | None = None, *,
+               swagger_assets_url: str | None = None) -> FastAPI:
+    """The app; `stages_factory` builds the stage backends once the process runs (in the lifespan).
+
+    `swagger_assets_url`: where the host serves Swagger UI's files (BentoML does, at /static_content), so the docs
+    at /api/docs work offline; without it FastAPI's docs page loads them from a CDN.
+    """
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -71,8 +77,11 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None) 
         finally:
             await _stop_runtime(runtime)
 
-    app = FastAPI(title="grok3d", version="0.1.0", lifespan=lifespan, docs_url="/api/docs",
-                  redoc_url=None, openapi_url="/api/openapi.json")
+    app = FastAPI(title="grok3d", version="0.1.0", lifespan=lifespan,
+                  docs_url=None if swagger_assets_url else "/api/docs", redoc_url=None,
+                  openapi_url="/api/openapi.json")
+    if swagger_assets_url:
+        _install_local_docs(app, swagger_assets_url)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
                        allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
                                                             "Content-Range", "Accept-Ranges"])
@@ -80,6 +89,15 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None) 
     _install_routes(app)
     mount_web(app)
     return app
+
+
+def _install_local_docs(app: FastAPI, assets_url: str) -> None:
+    @app.get("/api/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title="grok3d API",
+                                   swagger_js_url=f"{assets_url}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{assets_url}/swagger-ui.css",
+                                   swagger_favicon_url=f"{assets_url}/favicon-light-32x32.png")
 
 
 async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
