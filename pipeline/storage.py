@@ -60,9 +60,10 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def temp_path_for(path: Path) -> Path:
-    """A temporary sibling of `path` for producers that write files themselves (then `publish` it)."""
+    """A temporary sibling of `path` for producers that write files themselves (then `publish` it). It keeps the
+    extension last, because writers such as Blender's USD exporter choose the format by it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    return path.with_name(f".{path.stem}.{secrets.token_hex(4)}.tmp{path.suffix}")
 
 
 def publish(tmp: Path, path: Path) -> None:
@@ -101,5 +102,5 @@ class AssetStore:
         """Leftovers of a stage interrupted by a crash."""
         folder = self.job_dir(job_id)
         if folder.is_dir():
-            for tmp in folder.glob(".*.tmp"):
+            for tmp in folder.glob(".*.tmp*"):
                 tmp.unlink(missing_ok=True)

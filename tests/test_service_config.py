@@ -84,4 +84,4 @@ def test_a_job_survives_kill_9_mid_stage_and_resumes_from_its_last_finished_stag
         srv.stop()
     # The image stage had finished before the kill: only the interrupted 3D stage ran again.
     assert calls.read_text().split() == ["image", "3d", "3d"]
-    assert not list((tmp_path / "jobs" / job_id).glob(".*.tmp"))
+    assert not list((tmp_path / "jobs" / job_id).glob(".*.tmp*"))
