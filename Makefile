@@ -7,6 +7,9 @@ PORT ?= 8000
 export BENTOML_DO_NOT_TRACK := true
 export GROK3D_DATA_DIR ?= $(CURDIR)/data
 export BENTOML_HOME ?= $(GROK3D_DATA_DIR)/bentoml
+# BentoML's unix sockets and Blender's scratch files. Socket paths must stay under ~100 characters: set this to a
+# short folder when the data folder's path is long.
+GROK3D_TMP_DIR ?= $(GROK3D_DATA_DIR)/tmp
 BENTOML := $(VENV)/bin/bentoml
 PY := $(VENV)/bin/python
 # make dev: a tiny TripoSR with seeded random weights and the fake xAI server — no key, no download.
@@ -37,19 +40,18 @@ web/node_modules/.installed: web/package.json web/package-lock.json
 .venv: $(VENV)/.installed $(BVENV)/.installed web/node_modules/.installed
 .venv-blender: $(BVENV)/.installed
 
-$(GROK3D_DATA_DIR)/tmp:
+$(GROK3D_TMP_DIR):
 	mkdir -p $@
 
-# BentoML's sockets and Blender's scratch files go to TMPDIR: keep them under the data folder.
-serve: .venv | $(GROK3D_DATA_DIR)/tmp
-	TMPDIR=$(GROK3D_DATA_DIR)/tmp $(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
+serve: .venv | $(GROK3D_TMP_DIR)
+	TMPDIR=$(GROK3D_TMP_DIR) $(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
 
 $(DEV_MODEL)/model.ckpt: | $(VENV)/.installed
 	$(PY) -m runners.triposr init-random $(DEV_MODEL) --config tiny --seed 0
 
-dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_DATA_DIR)/tmp
+dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	$(PY) -m tests.fakes.xai --port $(DEV_XAI_PORT) & trap "kill $$!" EXIT; \
-	TMPDIR=$(GROK3D_DATA_DIR)/tmp XAI_API_KEY=test-key XAI_BASE_URL=http://127.0.0.1:$(DEV_XAI_PORT)/v1 \
+	TMPDIR=$(GROK3D_TMP_DIR) XAI_API_KEY=test-key XAI_BASE_URL=http://127.0.0.1:$(DEV_XAI_PORT)/v1 \
 	TRIPOSR_MODEL=$(DEV_MODEL) TRIPOSR_MC_THRESHOLD=$${TRIPOSR_MC_THRESHOLD:-0.5} \
 	TRIPOSR_MC_RESOLUTION=$${TRIPOSR_MC_RESOLUTION:-96} \
 	$(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)

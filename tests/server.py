@@ -28,7 +28,7 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, *, service: str = "service:Grok3D",
-                 log_name: str = "server.log", ready: str = "/livez") -> None:
+                 log_name: str = "server.log", ready: str = "/livez", command: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -40,18 +40,20 @@ class Server:
             "BENTOML_HOME": str(data_dir / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "true",
             # BentoML's unix sockets live in TMPDIR, and socket paths must stay under ~100 characters.
-            "TMPDIR": tempfile.mkdtemp(prefix="g3d-"),
+            "TMPDIR": (short_tmp := tempfile.mkdtemp(prefix="g3d-")),
+            "GROK3D_TMP_DIR": short_tmp,  # what `make serve` and `make dev` use as TMPDIR
             "PORT": str(self.port),
             **(env or {}),
         }
         self.proc: subprocess.Popen | None = None
         self.ready = ready  # the path that answers 200 once the server is up
+        self.command = command or [sys.executable, "-m", "bentoml", "serve", service, "--port", str(self.port),
+                                   "--host", "127.0.0.1"]
 
     def start(self, *, timeout_s: float = 120.0) -> "Server":
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", self.service, "--port", str(self.port), "--host", "127.0.0.1"],
-            cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
         self.wait_for(self.ready, timeout_s)
