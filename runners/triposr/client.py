@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import aiohttp
 from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
 from pipeline.errors import StageError
@@ -25,8 +26,8 @@ class TripoSRStage:
     async def status(self) -> ModelStatus:
         try:
             answer = await self._service.to_async.status()
-        except BentoMLException as exc:
-            return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc})")
+        except (BentoMLException, aiohttp.ClientError) as exc:
+            return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc!r})")
         self._version = answer.get("version")
         return ModelStatus(ModelState(answer["state"]), answer.get("version"), answer.get("detail"))
 
@@ -36,6 +37,10 @@ class TripoSRStage:
         except ServiceUnavailable as exc:
             raise StageError("The 3D model could not be generated: the TripoSR service is overloaded, "
                              "please try again later.", retryable=True) from exc
+        except aiohttp.ClientError as exc:  # the connection to the service broke: worth another try
+            log.warning("TripoSR service connection failed: %r", exc)
+            raise StageError("The 3D model could not be generated: the connection to the TripoSR service "
+                             "failed, please try again later.", retryable=True) from exc
         except BentoMLException as exc:
             log.error("TripoSR service error: %s", exc)
             raise StageError(f"The 3D model could not be generated: the TripoSR service failed ({exc}).") from exc

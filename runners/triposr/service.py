@@ -44,6 +44,10 @@ def _packed_model() -> bentoml.models.BentoModel | None:
     workers=1,
     # A request waits for its batch's forward pass: never time out before the batching latency budget.
     traffic={"timeout": max(600, settings.triposr_max_latency_ms / 1000 * 2)},
+    # Callers' connection to this service. BentoML 1.4.40 replaces it every 100 requests (its default) by closing
+    # the old session under the requests still in flight, which then fail with "Server disconnected": over a
+    # unix socket there is nothing to gain from replacing it, so it lives for a day.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 86400.0},
 )
 class TripoSRService:
     checkpoint = _packed_model()
