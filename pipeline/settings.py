@@ -41,7 +41,7 @@ class Settings(BaseSettings):
     blender_workers: int = Field(2, alias="GROK3D_BLENDER_WORKERS", ge=1)
     blender_python: str | None = Field(None, alias="GROK3D_BLENDER_PYTHON")
     convert_timeout_s: float = Field(300.0, alias="GROK3D_CONVERT_TIMEOUT_S", gt=0)
-    bake_size: int = Field(1024, alias="GROK3D_BAKE_SIZE", ge=16)
+    bake_size: int = Field(1024, alias="GROK3D_BAKE_SIZE", ge=0)  # 0: keep vertex colours, no texture
 
     # Advanced: "module:function" returning a pipeline.stages.Stages; for tests and custom backends.
     stages_factory: str | None = Field(None, alias="GROK3D_STAGES")
@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     @classmethod
     def _template_has_slot(cls, value: str) -> str:
         return validate_prompt_template(value)
+
+    @field_validator("bake_size")
+    @classmethod
+    def _bake_size(cls, value: int) -> int:
+        if 0 < value < 16:
+            raise ValueError("GROK3D_BAKE_SIZE must be 0 (no baking) or at least 16")
+        return value
 
     @field_validator("xai_api_key")
     @classmethod

@@ -159,11 +159,16 @@ async def test_start_fails_clearly_without_a_blender_interpreter(tmp_path: Path)
 
 
 async def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The service builds its pool from pipeline.settings, the one place the environment is read."""
+    from pipeline.backends import converter
+    from pipeline.settings import Settings
+
     monkeypatch.setenv("GROK3D_BLENDER_WORKERS", "3")
     monkeypatch.setenv("GROK3D_CONVERT_TIMEOUT_S", "42")
-    monkeypatch.setenv("GROK3D_BAKE_SIZE", "512")
+    monkeypatch.setenv("GROK3D_BAKE_SIZE", "0")
     monkeypatch.setenv("GROK3D_BLENDER_PYTHON", str(tmp_path / "py"))
-    pool = BlenderPool()
-    assert (pool.workers, pool.timeout_s, pool.bake_size, pool.python) == (3, 42.0, 512, tmp_path / "py")
+    pool = converter(Settings())
+    assert (pool.workers, pool.timeout_s, pool.bake_size, pool.python) == (3, 42.0, 0, tmp_path / "py")
     monkeypatch.delenv("GROK3D_BLENDER_PYTHON")
+    assert converter(Settings()).python == Path(__file__).resolve().parents[1] / ".venv-blender" / "bin" / "python"
     assert default_python() == Path(__file__).resolve().parents[1] / ".venv-blender" / "bin" / "python"

@@ -34,15 +34,9 @@ START_TIMEOUT_S = 120.0
 CLOSE_GRACE_S = 5.0
 
 
-def _env_number(name: str, default: float) -> float:
-    raw = os.environ.get(name, "").strip()
-    return float(raw) if raw else default
-
-
 def default_python() -> Path:
-    """GROK3D_BLENDER_PYTHON, else the repository's .venv-blender interpreter."""
-    configured = os.environ.get("GROK3D_BLENDER_PYTHON", "").strip()
-    return Path(configured) if configured else REPO_ROOT / ".venv-blender" / "bin" / "python"
+    """The repository's .venv-blender interpreter (the service passes GROK3D_BLENDER_PYTHON when it is set)."""
+    return REPO_ROOT / ".venv-blender" / "bin" / "python"
 
 
 @dataclass(frozen=True)
@@ -149,18 +143,18 @@ class BlenderPool:
 
     def __init__(
         self,
-        workers: int | None = None,
-        timeout_s: float | None = None,
-        bake_size: int | None = None,
+        workers: int = 2,
+        timeout_s: float = 300.0,
+        bake_size: int = 1024,
         python: Path | str | None = None,
         queue_max: int = 64,
         max_glb_bytes: int = DEFAULT_MAX_GLB_BYTES,
         max_faces: int = DEFAULT_MAX_FACES,
         preview_size: int = 512,
     ) -> None:
-        self.workers = int(workers if workers is not None else _env_number("GROK3D_BLENDER_WORKERS", 2))
-        self.timeout_s = float(timeout_s if timeout_s is not None else _env_number("GROK3D_CONVERT_TIMEOUT_S", 300))
-        self.bake_size = int(bake_size if bake_size is not None else _env_number("GROK3D_BAKE_SIZE", 1024))
+        self.workers = int(workers)
+        self.timeout_s = float(timeout_s)
+        self.bake_size = int(bake_size)
         self.python = Path(python) if python is not None else default_python()
         self.max_glb_bytes = max_glb_bytes
         self.max_faces = max_faces
