@@ -5,7 +5,6 @@ Every error under /api is `{"error": "..."}`; FastAPI's 422 and `{"detail": ...}
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import logging
@@ -17,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -25,6 +24,7 @@ from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
 from pipeline.jobs import JobStore, QueueFull, Status, Stage
 from pipeline.orchestrator import Orchestrator
+from pipeline.responses import file_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
 from pipeline.web import mount_web
@@ -203,11 +203,6 @@ def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
                              progress=100, created_at=entry.created_at, prompt=entry.prompt)
 
 
-def _etag(stat) -> str:
-    return '"' + hashlib.blake2b(f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}".encode(),
-                                 digest_size=12).hexdigest() + '"'
-
-
 def _install_routes(app: FastAPI) -> None:
     @app.post("/api/generate", response_model=schemas.GenerateResponse)
     async def generate(request: Request) -> schemas.GenerateResponse:
@@ -280,14 +275,8 @@ def _install_routes(app: FastAPI) -> None:
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise ApiError(404, "Asset not found") from None
-    etag = _etag(stat)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
-        return Response(status_code=304, headers=headers)
-    filename = f"{job_id}.{DOWNLOAD_SUFFIX[kind]}"
-    return FileResponse(path, media_type=MEDIA_TYPES[kind], filename=filename, stat_result=stat, headers=headers,
-                        content_disposition_type=DISPOSITION[kind])
+    response = file_response(request, path, MEDIA_TYPES[kind], filename=f"{job_id}.{DOWNLOAD_SUFFIX[kind]}",
+                             disposition=DISPOSITION[kind])
+    if response is None:
+        raise ApiError(404, "Asset not found")
+    return response

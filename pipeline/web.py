@@ -7,13 +7,13 @@ it is missing its route answers 404 and the page says in words that the 3D viewe
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException
+
+from pipeline.responses import file_response
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MODEL_VIEWER_DIST = Path("node_modules/@google/model-viewer/dist/model-viewer.min.js")
@@ -27,23 +27,13 @@ STATIC: dict[str, tuple[Path, str]] = {
 }
 
 
-def _etag(stat: os.stat_result) -> str:
-    return '"' + hashlib.blake2b(f"{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}".encode(),
-                                 digest_size=12).hexdigest() + '"'
-
-
 def _serve(request: Request, path: Path, media_type: str) -> Response:
-    """The file, or 304 when the browser's copy is current. `no-cache` makes the browser revalidate on every load,
-    so a deploy shows at once, while an unchanged 1 MB viewer costs a 304 and not a download."""
-    try:
-        stat = path.stat()
-    except FileNotFoundError:
-        raise HTTPException(404) from None
-    etag = _etag(stat)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if etag in {t.strip() for t in request.headers.get("if-none-match", "").split(",")}:
-        return Response(status_code=304, headers=headers)
-    return FileResponse(path, media_type=media_type, stat_result=stat, headers=headers)
+    """`no-cache` makes the browser revalidate on every load, so a deploy shows at once, while an unchanged 1 MB
+    viewer costs a 304 and not a download."""
+    response = file_response(request, path, media_type)
+    if response is None:
+        raise HTTPException(404)
+    return response
 
 
 def mount_web(app: FastAPI, web_dir: Path = WEB_DIR) -> None:
