@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
+import subprocess
+import sys
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -12,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.server import Server, wait_job
+from tests.server import ROOT, Server, wait_job
 
 STAGES = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
 CREATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
@@ -313,3 +316,24 @@ def test_fifty_concurrent_submissions(client, server):
     assert len(set(ids)) == 50
     for job_id in ids:
         assert wait_job(client, job_id, timeout_s=120)["status"] == "complete"
+
+
+def test_promote_a_finished_job_to_an_example(client, server, finished_job):
+    env = {**os.environ, "GROK3D_DATA_DIR": str(server.data_dir)}
+    done = subprocess.run(["make", "--no-print-directory", "promote", f"JOB={finished_job}", "NAME=Red Box",
+                           "DESCRIPTION=A box that a test made"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "ex_red-box" in done.stdout
+    listed = {ex["job_id"]: ex for ex in client.get("/api/examples").json()["examples"]}
+    assert listed["ex_red-box"]["name"] == "Red Box" and len(listed) >= 4  # merged with the shipped ones
+    status = client.get("/api/status/ex_red-box").json()
+    assert status["status"] == "complete" and status["prompt"] == "A futuristic robot cat with glowing blue eyes"
+    for asset_type in ("image", "glb", "usdz"):
+        promoted = client.get("/api/asset/ex_red-box", params={"asset_type": asset_type}).content
+        assert promoted == client.get(f"/api/asset/{finished_job}", params={"asset_type": asset_type}).content
+    failed = submit(client, "fail-image")
+    wait_job(client, failed)
+    for job_id, why in (("ffffffff", "Job not found"), (failed, "is error, not complete")):
+        bad = subprocess.run([sys.executable, "-m", "pipeline.examples", "promote", job_id, "--name", "X",
+                              "--description", "Y"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert bad.returncode == 1 and why in bad.stderr and "Traceback" not in bad.stderr
