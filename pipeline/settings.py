@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -86,7 +85,3 @@ def get_settings() -> Settings:
     settings.data_dir = settings.data_dir.resolve()
     return settings
 
-
-def bentoml_home(settings: Settings) -> Path:
-    """BENTOML_HOME defaults to a folder under the data dir so serve, import-model and build share one store."""
-    return Path(os.environ.get("BENTOML_HOME") or settings.data_dir / "bentoml")

@@ -337,3 +337,12 @@ def test_promote_a_finished_job_to_an_example(client, server, finished_job):
         bad = subprocess.run([sys.executable, "-m", "pipeline.examples", "promote", job_id, "--name", "X",
                               "--description", "Y"], cwd=ROOT, env=env, capture_output=True, text=True)
         assert bad.returncode == 1 and why in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_openapi_documents_the_contract_not_fastapis_defaults(client):
+    spec = client.get("/api/openapi.json").json()
+    assert "422" not in str(spec) and "HTTPValidationError" not in str(spec)
+    generate = spec["paths"]["/api/generate"]["post"]
+    assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
+    assert set(generate["responses"]) == {"200", "400", "413", "429", "503"}
+    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
