@@ -9,6 +9,7 @@ import _bentoml_impl.server as _bentoml_server  # where BentoML keeps its UI pag
 import bentoml
 from starlette.exceptions import HTTPException
 
+import bentoml_fixes
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
@@ -20,6 +21,8 @@ from runners.triposr.service import TripoSRService
 
 setup_logging()
 settings = get_settings()
+# Cheaper middlewares for the hot path (see bentoml_fixes.py). Every worker of both services imports this module.
+bentoml_fixes.install()
 # BentoML serves Swagger UI's files at /static_content: our /api/docs uses them, so the docs work offline.
 app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings,
                  swagger_assets_url="/static_content")

@@ -346,3 +346,12 @@ def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
     assert set(generate["responses"]) == {"200", "400", "413", "429", "503"}
     assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
+
+
+def test_status_polls_skip_request_metrics_other_routes_keep_them(client, finished_job):
+    for _ in range(3):
+        client.get(f"/api/status/{finished_job}")
+        client.get("/api/examples")
+    metrics = client.get("/metrics").text
+    assert 'endpoint="/api/examples"' in metrics
+    assert 'endpoint="/api/status/' not in metrics  # the hot path is not counted (bentoml_fixes.py)

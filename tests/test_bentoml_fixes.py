@@ -1,0 +1,70 @@
+"""bentoml_fixes.FirstByteTimeout on a real uvicorn server: a 504 in API.md's error shape when no response starts
+in time, no limit once one has, and no timer left behind per request (BentoML's own leaves one for 60 s)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from bentoml_fixes import FirstByteTimeout
+from tests.server import free_port
+
+
+async def slow(request):
+    await asyncio.sleep(2)
+    return JSONResponse({"late": True})
+
+
+async def streaming(request):
+    async def body():
+        for _ in range(4):
+            yield b"x" * 10
+            await asyncio.sleep(0.3)  # 1.2 s in all: longer than the timeout, after the response started
+    return StreamingResponse(body())
+
+
+async def quick(request):
+    # Timers still armed (cancelled ones may wait in asyncio's heap until it compacts itself).
+    armed = sum(1 for timer in asyncio.get_running_loop()._scheduled if not timer.cancelled())
+    return JSONResponse({"ok": True, "timers": armed})
+
+
+@pytest.fixture(scope="module", params=[FirstByteTimeout])
+def url(request):
+    app = request.param(Starlette(routes=[Route("/slow", slow), Route("/stream", streaming),
+                                             Route("/quick", quick)]), timeout=0.5)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_no_response_in_time_is_a_504_with_an_error_body(url):
+    r = httpx.get(url + "/slow", timeout=10)
+    assert r.status_code == 504
+    assert r.json() == {"error": "Not able to process the request in 0.5 seconds"}
+
+
+def test_a_started_response_may_take_longer(url):
+    r = httpx.get(url + "/stream", timeout=10)
+    assert r.status_code == 200 and r.content == b"x" * 40
+
+
+def test_no_timer_is_left_behind_per_request(url):
+    with httpx.Client(base_url=url) as c:
+        for _ in range(300):
+            last = c.get("/quick").json()
+    assert last["timers"] < 10  # BentoML's middleware would hold ~300 here
