@@ -6,6 +6,7 @@ orchestrator retries, then fails the job with that sentence. No 500 ever reaches
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -16,6 +17,7 @@ from pipeline.errors import StageError
 from pipeline.stages import ModelState, ModelStatus, Reconstruction
 
 log = logging.getLogger("grok3d.triposr.client")
+STATUS_TIMEOUT_S = 10.0  # a status answer is immediate; a service that takes longer is busy starting
 
 
 class TripoSRStage:
@@ -25,8 +27,8 @@ class TripoSRStage:
 
     async def status(self) -> ModelStatus:
         try:
-            answer = await self._service.to_async.status()
-        except (BentoMLException, aiohttp.ClientError) as exc:
+            answer = await asyncio.wait_for(self._service.to_async.status(), STATUS_TIMEOUT_S)
+        except (BentoMLException, aiohttp.ClientError, TimeoutError) as exc:
             return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc!r})")
         self._version = answer.get("version")
         return ModelStatus(ModelState(answer["state"]), answer.get("version"), answer.get("detail"))
