@@ -99,6 +99,7 @@ CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at) WHERE status IN ('qu
 """
 
 _COLUMNS = "job_id, prompt, status, stage, progress, created_at, error, model_version, owner"
+_GET = f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?"  # the status poll: one primary-key lookup
 
 
 def _row_to_job(row: tuple) -> Job:
@@ -221,7 +222,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            row = self._db.execute(f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+            row = self._db.execute(_GET, (job_id,)).fetchone()
         return _row_to_job(row) if row else None
 
     def count_active(self) -> int:
