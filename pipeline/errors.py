@@ -12,7 +12,8 @@ class StageError(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.message = message
-        # True when trying again later may succeed (overload, rate limits): the orchestrator may retry.
+        # True when the orchestrator should run the stage again after a pause (an overloaded service). A backend
+        # that retries by itself (the xAI client) raises its final error with False, so retries do not multiply.
         self.retryable = retryable
 
 

@@ -124,7 +124,8 @@ class XaiImageClient:
                 return await self._attempt(body)
             except _Retry as retry:
                 if attempt == self.max_retries:
-                    raise retry.final from None
+                    # Our retries are spent: the orchestrator must not start another round of them.
+                    raise StageError(retry.final.message) from None
                 wait = self._wait_s(attempt, retry.wait_s)
                 log.warning("xAI attempt %d failed (%s); retrying in %.2f s", attempt + 1, retry.final.message, wait)
                 await asyncio.sleep(wait)

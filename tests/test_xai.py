@@ -179,7 +179,7 @@ async def test_rate_limit_exhausts_retries(fake_xai: FakeXai, make_client: MakeC
     with pytest.raises(StageError) as caught:
         await make_client(max_retries=3).generate_image("a cat")
     assert "still rate limiting" in caught.value.message and "3 retries" in caught.value.message
-    assert caught.value.retryable
+    assert not caught.value.retryable  # the client spent its retries: the orchestrator adds none
     assert [r.status for r in fake_xai.requests] == [429] * 4
 
 
@@ -204,7 +204,7 @@ async def test_server_errors_exhaust_retries(fake_xai: FakeXai, make_client: Mak
     fake_xai.fail("server_error")
     with pytest.raises(StageError, match=r"kept failing \(HTTP 500\) after 2 retries") as caught:
         await make_client(max_retries=2).generate_image("a cat")
-    assert caught.value.retryable
+    assert not caught.value.retryable  # the client spent its retries: the orchestrator adds none
     assert len(fake_xai.requests) == 3
 
 
@@ -224,7 +224,7 @@ async def test_unreachable_xai(make_client: MakeClient) -> None:
     client = make_client(base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=2)
     with pytest.raises(StageError, match="^xAI could not be reached") as caught:
         await client.generate_image("a cat")
-    assert caught.value.retryable
+    assert not caught.value.retryable  # the client spent its retries: the orchestrator adds none
 
 
 async def test_timeout_is_retried_then_reported(fake_xai: FakeXai, make_client: MakeClient) -> None:
