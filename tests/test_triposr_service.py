@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import tarfile
 import sys
 from pathlib import Path
 
@@ -126,3 +127,11 @@ def test_bentoml_build_packs_the_model_the_service_names(tiny, tmp_path):
     manifest = yaml.safe_load(bento_yaml.read_text())
     [triposr] = [s for s in manifest["services"] if s["name"] == "triposr"]
     assert [m["tag"] for m in triposr["models"]] == [tag]
+    # The exported Bento (what containerize and push ship) carries the checkpoint itself.
+    out = tmp_path / "grok3d.bento"
+    subprocess.run([str(ROOT / ".venv/bin/bentoml"), "export", "grok3d:latest", str(out)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    version = tag.split(":")[1]
+    with tarfile.open(out) as bento:
+        names = bento.getnames()
+    assert f"./models/triposr/{version}/model.ckpt" in names and "./src/service.py" in names
