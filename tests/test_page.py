@@ -14,11 +14,10 @@ import pytest
 import trimesh
 import uvicorn
 from fastapi import FastAPI
+from playwright import sync_api
 
 from pipeline.web import mount_web
 from tests.server import ROOT, Server, free_port
-
-sync_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = "/usr/bin/chromium"
 # Headless chromium on a machine without a GPU: SwiftShader gives model-viewer the WebGL it needs to fire `load`.
@@ -28,9 +27,6 @@ CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-backg
 SCREENSHOTS = ROOT / "test-output"
 STAGE_SLEEP_S = "1"
 LOAD_TIMEOUT_MS = 60_000  # SwiftShader compiles model-viewer's shaders on the CPU: seconds on a busy machine
-
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
-
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[Server]:
@@ -42,6 +38,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
 
 @pytest.fixture(scope="module")
 def browser():
+    # Never skipped: .ci/run installs chromium, and a page left untested should fail loudly.
+    assert Path(CHROMIUM).exists(), "the page tests need Debian's chromium: apt-get install chromium"
     SCREENSHOTS.mkdir(exist_ok=True)
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
