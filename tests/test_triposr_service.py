@@ -135,3 +135,15 @@ def test_bentoml_build_packs_the_model_the_service_names(tiny, tmp_path):
     with tarfile.open(out) as bento:
         names = bento.getnames()
     assert f"./models/triposr/{version}/model.ckpt" in names and "./src/service.py" in names
+
+
+def test_more_than_a_hundred_calls_through_the_dependency_all_succeed(tiny, tmp_path):
+    """BentoML replaces a dependency's connection every 100 requests by default, closing it under the requests in
+    flight ("Server disconnected"); the TripoSR service's runner_connection setting keeps it."""
+    env = {**FAST, **REAL_MODEL, "TRIPOSR_MODEL": str(tiny), "GROK3D_QUEUE_MAX": "300",
+           "GROK3D_RECONSTRUCT_CONCURRENCY": "16"}
+    with Server(tmp_path, env, ready="/readyz") as srv:
+        jobs = _jobs(srv, [f"block {i % 8}" for i in range(130)], concurrent=True)
+        log = srv.log()
+    assert [j["status"] for j in jobs] == ["complete"] * 130, [j.get("error") for j in jobs if j.get("error")][:3]
+    assert "Server disconnected" not in log and "closing transport" not in log

@@ -39,7 +39,11 @@ class TripoSRStage:
         except ServiceUnavailable as exc:
             raise StageError("The 3D model could not be generated: the TripoSR service is overloaded, "
                              "please try again later.", retryable=True) from exc
-        except aiohttp.ClientError as exc:  # the connection to the service broke: worth another try
+        except (aiohttp.ClientError, RuntimeError) as exc:
+            # The connection to the service broke: worth another try. aiohttp reports a session closed under a
+            # response being read as a bare RuntimeError("Connection closed."); any other RuntimeError is a bug.
+            if isinstance(exc, RuntimeError) and "Connection closed" not in str(exc):
+                raise
             log.warning("TripoSR service connection failed: %r", exc)
             raise StageError("The 3D model could not be generated: the connection to the TripoSR service "
                              "failed, please try again later.", retryable=True) from exc
