@@ -225,3 +225,28 @@ print(tag, TripoSR.from_pretrained("triposr:latest").cfg.plane_size)
     out = run_py(code, {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
     tag, plane = out.splitlines()[-1].split()
     assert tag.startswith("triposr:") and plane == "4"
+
+
+def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
+    """The service's batch function answers item by item: the other pictures of the batch still get their GLB."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from runners.triposr.inference import reconstruct_encoded
+    from runners.triposr.loading import random_model
+    from runners.triposr.wire import UNREADABLE
+
+    model = random_model("tiny", seed=0)
+    pixels = np.full((64, 64, 3), 128, np.uint8)
+    pixels[12:50, 16:44] = (200, 60, 90)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    good = buf.getvalue()
+    knobs = {"resolution": 24, "threshold": 0.5, "size_m": 0.5}
+    alone = reconstruct_encoded(model, [good], **knobs)
+    mixed = reconstruct_encoded(model, [b"not a picture", good, good[:40]], **knobs)
+    assert alone[0][:4] == b"glTF"
+    assert mixed == [UNREADABLE, alone[0], UNREADABLE]
+    assert reconstruct_encoded(model, [b"junk"], **knobs) == [UNREADABLE]

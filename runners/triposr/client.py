@@ -15,6 +15,7 @@ from bentoml.exceptions import BentoMLException, ServiceUnavailable
 
 from pipeline.errors import StageError
 from pipeline.stages import ModelState, ModelStatus, Reconstruction
+from runners.triposr.wire import UNREADABLE
 
 log = logging.getLogger("grok3d.triposr.client")
 STATUS_TIMEOUT_S = 10.0  # a status answer is immediate; a service that takes longer is busy starting
@@ -50,6 +51,9 @@ class TripoSRStage:
         except BentoMLException as exc:
             log.error("TripoSR service error: %s", exc)
             raise StageError(f"The 3D model could not be generated: the TripoSR service failed ({exc}).") from exc
+        if glb == UNREADABLE:
+            raise StageError("The 3D model could not be generated: the TripoSR service could not read the "
+                             "prepared picture.")
         if not glb:
             raise StageError("The 3D model could not be generated: TripoSR found no surface in this picture; "
                              "try a prompt for a single solid object.")

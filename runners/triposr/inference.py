@@ -5,13 +5,16 @@ Kept apart from service.py so that it runs (and is tested) without BentoML servi
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from PIL import Image as PILImage
 
 from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
 from runners.triposr.mesh import to_delivery_glb
+from runners.triposr.wire import UNREADABLE
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -45,3 +48,18 @@ def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution
     codes = model(pictures)
     meshes = model.extract_mesh(codes, resolution=resolution, threshold=threshold)
     return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else b"" for mesh in meshes]
+
+
+def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int, threshold: float,
+                        size_m: float) -> list[bytes]:
+    """Encoded pictures (PNG, JPEG) -> GLBs, like reconstruct_batch; UNREADABLE where a picture does not decode."""
+    pictures: list[Image.Image | None] = []
+    for data in images:
+        try:
+            pictures.append(PILImage.open(io.BytesIO(data)).convert("RGB"))
+        except (OSError, ValueError, PILImage.DecompressionBombError):
+            pictures.append(None)
+    readable = [p for p in pictures if p is not None]
+    glbs = iter(reconstruct_batch(model, readable, resolution=resolution, threshold=threshold, size_m=size_m)
+                if readable else [])
+    return [next(glbs) if p is not None else UNREADABLE for p in pictures]

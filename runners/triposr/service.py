@@ -6,14 +6,12 @@ thread started with the worker, so the service answers `status` (and the API its
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
 from pathlib import Path
 
 import bentoml
-from PIL import Image
 
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
@@ -91,14 +89,14 @@ class TripoSRService:
         max_latency_ms=settings.triposr_max_latency_ms,
     )
     def reconstruct(self, images: list[bytes]) -> list[bytes]:
-        """PNG/JPEG bytes of framed pictures -> GLB bytes in API.md's delivery frame (b"" = empty surface)."""
+        """PNG/JPEG bytes of framed pictures -> GLB bytes in API.md's delivery frame, item by item
+        (b"" = no surface found, wire.UNREADABLE = the picture did not decode)."""
         if self.state != "ready":
             raise bentoml.exceptions.ServiceUnavailable(f"TripoSR model is {self.state}: {self.detail}")
-        from runners.triposr.inference import reconstruct_batch
+        from runners.triposr.inference import reconstruct_encoded
 
-        pictures = [Image.open(io.BytesIO(data)).convert("RGB") for data in images]
         began = time.monotonic()
-        glbs = reconstruct_batch(self.model, pictures, resolution=settings.triposr_mc_resolution,
-                                 threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m)
+        glbs = reconstruct_encoded(self.model, images, resolution=settings.triposr_mc_resolution,
+                                   threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m)
         log.info("TripoSR batch of %d in %.2f s", len(images), time.monotonic() - began)
         return glbs
