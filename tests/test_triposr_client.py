@@ -24,3 +24,15 @@ async def test_a_status_call_that_hangs_reads_as_loading(monkeypatch):
     status = await stage.status()
     assert status.state is ModelState.loading and "not answering" in status.detail
     assert time.monotonic() - began < 2
+
+
+def test_the_api_service_does_not_load_torch():
+    """service.py declares both services; only the TripoSR worker should pay for torch (memory, start-up)."""
+    import subprocess
+    import sys
+
+    from tests.server import ROOT
+
+    check = "import sys, service; print('torch' in sys.modules, 'runners.triposr.model' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"], out.stderr
