@@ -165,11 +165,12 @@ class Orchestrator:
 
     async def _image_stage(self, job: Job) -> None:
         jid = job.job_id
-        if not self.assets.has(jid, Asset.image):
+        if self.assets.has(jid, Asset.image):  # made before a restart
+            jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
+        else:
             jpeg = await self.stages.image.generate_image(job.prompt)
             await asyncio.to_thread(self.assets.write, jid, Asset.image, jpeg)
             self.store.advance(jid, self.owner, Stage.generating_image, 20)
-        jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
         png = await self.stages.prepare.prepare_image(jpeg)
         await asyncio.to_thread(self.assets.write, jid, Asset.input, png)
 
