@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import tarfile
+import time
 import sys
 from pathlib import Path
 
@@ -101,8 +102,10 @@ def test_a_corrupt_checkpoint_starts_and_says_why(tiny, tmp_path):
     (broken / "vit" / "config.json").write_bytes((tiny / "vit" / "config.json").read_bytes())
     (broken / "model.ckpt").write_bytes((tiny / "model.ckpt").read_bytes()[:5000])  # truncated
     with Server(tmp_path, _grok3d_env(str(broken))) as srv, httpx.Client(base_url=srv.url) as c:
-        srv.wait_for("/readyz", status=503)
-        ready = c.get("/readyz")
+        deadline = time.monotonic() + 60
+        while "still loading" in (ready := c.get("/readyz")).text and time.monotonic() < deadline:
+            time.sleep(0.25)  # 503 "still loading" first, then 503 with the reason
+        assert ready.status_code == 503
         assert "could not be loaded" in ready.text and str(broken / "model.ckpt") in ready.text
         assert_error(c.post("/api/generate", json={"prompt": "cat"}), 503,
                      "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)")
