@@ -56,7 +56,13 @@ dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	TRIPOSR_MC_RESOLUTION=$${TRIPOSR_MC_RESOLUTION:-96} \
 	$(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
 
-test: .venv
+# The page tests drive Debian's chromium (never a browser download): installed here when missing (needs root).
+/usr/bin/chromium:
+	@test "$$(id -u)" = 0 || { echo 'the page tests need chromium: sudo apt-get install chromium'; exit 2; }
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+
+test: .venv /usr/bin/chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: .venv
