@@ -20,6 +20,7 @@ import torch
 import yaml
 
 from runners.triposr.model import TripoSR, TripoSRConfig, ViTConfig
+from runners.triposr.wire import is_store_tag
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.ckpt"
@@ -27,7 +28,6 @@ DINO_VITB16 = "facebook/dino-vitb16"  # built in: ViTConfig() holds its values (
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-_BENTO_TAG = re.compile(r"^[a-z0-9][a-z0-9_.-]*:[A-Za-z0-9_.-]+$")
 _REF = re.compile(r"\$\{([\w.]+)\}")
 
 # The classes of the official config (§1.1): any other class cannot be built by this implementation.
@@ -254,7 +254,7 @@ def resolve_source(source: str | Path) -> tuple[Path, str]:
     text = str(source)
     if Path(text).is_dir():
         return Path(text), "folder"
-    if _BENTO_TAG.match(text) or re.fullmatch(r"[a-z0-9][a-z0-9_.-]*", text):
+    if is_store_tag(text):
         return Path(_bento_model(text).path), "bentoml"
     if _HF_ID.match(text) and not text.startswith((".", "/")):
         folder = _hf_snapshot(text)

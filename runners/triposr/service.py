@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from pathlib import Path
 
 import bentoml
 
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
+from runners.triposr.wire import is_store_tag
 
 log = logging.getLogger("grok3d.triposr")
 setup_logging()
@@ -23,11 +23,10 @@ settings = get_settings()
 # A folder or a Hugging Face id is loaded as is; anything else names a model in the BentoML store, which
 # `bentoml build` then packs into the Bento (a rollout is a new Bento tag).
 _SOURCE = settings.triposr_model
-_IS_STORE_TAG = not Path(_SOURCE).exists() and _SOURCE.count("/") == 0
 
 
 def _packed_model() -> bentoml.models.BentoModel | None:
-    if not _IS_STORE_TAG:
+    if not is_store_tag(_SOURCE):
         return None
     try:
         bentoml.models.get(_SOURCE)
