@@ -13,6 +13,7 @@ from scipy.spatial import cKDTree
 
 from runners.triposr import TripoSR
 from runners.triposr.loading import config_for, random_state_dict, read_checkpoint
+from runners.triposr.mesh import grid_points
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 
@@ -71,14 +72,16 @@ def test_query_from_expected_codes(model: TripoSR, chunk_size: int) -> None:
     assert max_abs(rgb, expected("query_rgb.npy")) < 1e-5
 
 
-def test_density_grid_is_batched_and_matches(model: TripoSR, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    original = model.query
-    monkeypatch.setattr(model, "query", lambda *a, **k: calls.append(a[0].shape[0]) or original(*a, **k))
+def test_density_grid_matches_the_original_and_query(model: TripoSR) -> None:
     codes = expected_codes()
     grid = model.density_grid(codes, 32)
-    assert calls == [2]  # one query call for both scenes
+    assert grid.shape == (2, 32, 32, 32)
     assert max_abs(grid[0], expected("density_grid32.npy")) < 1e-5
+    # The factorised grid is query() at the grid points, for every scene of the batch, in any chunking.
+    density, _ = model.query(codes, grid_points(32, model.cfg.radius)[None].expand(2, -1, -1))
+    torch.testing.assert_close(grid, density.view(2, 32, 32, 32), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.density_grid(codes, 32, chunk_size=1), grid, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(model.density_grid(codes[1:], 32), grid[1:], rtol=1e-6, atol=1e-7)
 
 
 def canon(faces: np.ndarray) -> set[tuple[int, ...]]:

@@ -186,7 +186,7 @@ def grid_to_model(vertices: torch.Tensor, resolution: int, radius: float) -> tor
 def extract_meshes(
     model: TripoSR, scene_codes: torch.Tensor, resolution: int = 256, threshold: float = 25.0
 ) -> list[trimesh.Trimesh]:
-    """Density grid of all scenes in one batched query, marching cubes per scene, colours at the vertices."""
+    """Density grid of all scenes at once, marching cubes per scene, colours queried at the vertices."""
     grids = model.density_grid(scene_codes, resolution)
     meshes = []
     for b in range(scene_codes.shape[0]):

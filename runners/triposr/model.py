@@ -457,13 +457,35 @@ class TripoSR(nn.Module):
 
     @torch.no_grad()
     def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int = 2**21) -> torch.Tensor:
-        """Density on the mesh-extraction grid for all scenes in ONE batched query: [B, R, R, R], [ix, iy, iz]."""
-        from runners.triposr.mesh import grid_points
+        """Density on the mesh-extraction grid (mesh.grid_points) for all scenes at once: [B, R, R, R], [ix, iy, iz].
 
-        pts = grid_points(resolution, self.cfg.radius, scene_codes.device)  # [R^3, 3]
-        b = scene_codes.shape[0]
-        density, _ = self.query(scene_codes, pts[None].expand(b, -1, -1), chunk_size)
-        return density.view(b, resolution, resolution, resolution)
+        What query() computes at those R^3 points, factorised: on the grid, each plane is sampled at only R x R
+        places and the decoder's first layer is linear in the three planes' features, so that layer is applied to
+        the sampled planes once and its three parts are summed per point. That skips sampling 3C features at
+        R^3 points and a third of the decoder's work; the numbers differ from query()'s by float rounding only.
+        """
+        b, _, c, h, w = scene_codes.shape
+        r, dev = resolution, scene_codes.device
+        dtype = torch.promote_types(scene_codes.dtype, torch.float32)
+        first, rest = self.decoder.layers[0], self.decoder.layers[1:]
+        # The same coordinates, scaled as grid_points and sample_triplanes scale them.
+        g = torch.linspace(0, 1, r, device=dev) * (2 * self.cfg.radius) - self.cfg.radius
+        p = (g + self.cfg.radius) / (2 * self.cfg.radius) * 2 - 1
+        uv = torch.stack(torch.meshgrid(p, p, indexing="ij"), dim=-1)  # [R, R, 2]: (first, second) coordinate
+        with torch.autocast(dev.type, enabled=False):  # the planes' projections are small: keep them float32
+            planes = F.grid_sample(scene_codes.to(dtype).reshape(b * 3, c, h, w), uv.expand(b * 3, r, r, 2),
+                                   mode="bilinear", align_corners=False).view(b, 3, c, r, r)
+            weight = first.weight.to(dtype).view(-1, 3, c)  # [n, plane, C]: the features are concatenated plane-major
+            xy, xz, yz = (torch.einsum("bcij,nc->bijn", planes[:, k], weight[:, k]) for k in range(3))
+            xy = xy + first.bias.to(dtype)
+        compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dtype
+        density = torch.empty(b, r, r, r, dtype=dtype, device=dev)
+        step = max(1, chunk_size // (b * r * r))  # x-slices per chunk
+        for i in range(0, r, step):
+            pre = xy[:, i : i + step, :, None] + xz[:, i : i + step, None] + yz[:, None]  # [B, s, R, R, n]
+            raw = rest(pre.to(compute))[..., 0].to(dtype)
+            density[:, i : i + step] = torch.exp(raw + self.cfg.density_bias)
+        return density
 
     @torch.no_grad()
     def extract_mesh(
