@@ -62,7 +62,13 @@ dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
 
-test: .venv /usr/bin/chromium
+# With a CPU build of torch, Triton's interpreter runs the fused kernel's tests (a CUDA build has its own Triton).
+$(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
+	if $(PY) -c 'import torch; assert torch.version.cuda is None' 2>/dev/null; then \
+		$(VENV)/bin/python -m pip install -q --group kernel-tests; fi
+	touch $@
+
+test: .venv $(VENV)/.kernel-tests /usr/bin/chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: .venv

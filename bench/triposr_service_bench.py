@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("--max-latency-ms", type=int, default=300_000)
     p.add_argument("--threshold", type=float, default=None, help="default: the 0.999 quantile of one grid")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
+                   help="TRIPOSR_PRECISION (auto: mixed on a GPU, fp32 on a CPU)")
     args = p.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="g3d-sbench-"))
@@ -96,7 +98,8 @@ def main() -> None:
                                                                                      args.device)
     env = {"TRIPOSR_MODEL": str(folder), "TRIPOSR_MC_RESOLUTION": str(args.resolution),
            "TRIPOSR_MC_THRESHOLD": repr(threshold), "TRIPOSR_DEVICE": args.device,
-           "TRIPOSR_MAX_BATCH_SIZE": str(args.max_batch_size), "TRIPOSR_MAX_LATENCY_MS": str(args.max_latency_ms)}
+           "TRIPOSR_MAX_BATCH_SIZE": str(args.max_batch_size), "TRIPOSR_MAX_LATENCY_MS": str(args.max_latency_ms),
+           "TRIPOSR_PRECISION": args.precision}
     with Server(work, env, service="bench.triposr_bench_service:TripoSRBench", ready="/readyz") as srv:
         url = srv.url + "/reconstruct"
         asyncio.run(load(url, args.clients, args.warmup_s))  # model warm-up and the dispatcher's first fits
@@ -107,7 +110,8 @@ def main() -> None:
     result = {
         "bench": "triposr_service", "device": args.device, "gpu": torch.cuda.get_device_name(0)
         if args.device.startswith("cuda") else None, "config": args.config, "resolution": args.resolution,
-        "threshold": round(threshold, 4), "clients": args.clients, "seconds": round(elapsed, 1),
+        "precision": args.precision, "threshold": round(threshold, 4), "clients": args.clients,
+        "seconds": round(elapsed, 1),
         "meshes": len(latencies), "meshes_per_s": round(len(latencies) / elapsed, 3),
         "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
         "batch_sizes": dict(sorted(Counter(sizes).items())), "errors": len(errors),

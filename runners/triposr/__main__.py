@@ -20,15 +20,17 @@ def _on_gray(image: Image.Image) -> Image.Image:
 
 
 def reconstruct(args: argparse.Namespace) -> int:
-    from runners.triposr.mesh import to_delivery_glb
+    from runners.triposr.inference import reconstruct_batch
     from runners.triposr.model import TripoSR
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = TripoSR.from_pretrained(args.model, device=device)
-    codes = model([_on_gray(Image.open(args.image))])
-    mesh = model.extract_mesh(codes, resolution=args.resolution, threshold=args.threshold)[0]
-    args.output.write_bytes(to_delivery_glb(mesh, size_m=args.size))
-    print(f"{args.output}: {len(mesh.vertices)} vertices, {len(mesh.faces)} faces")
+    [glb] = reconstruct_batch(model, [_on_gray(Image.open(args.image))], resolution=args.resolution,
+                              threshold=args.threshold, size_m=args.size, precision=args.precision)
+    if not glb:
+        raise ValueError(f"no surface at density {args.threshold}: nothing to export (try a lower --threshold)")
+    args.output.write_bytes(glb)
+    print(f"{args.output}: {len(glb)} bytes")
     return 0
 
 
@@ -58,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--threshold", type=float, default=25.0, help="density iso-level")
     rec.add_argument("--size", type=float, default=0.5, help="largest side of the GLB, metres")
     rec.add_argument("--device", default=None, help="cuda if available, else cpu")
+    rec.add_argument("--precision", choices=["auto", "fp32", "mixed", "bf16"], default="auto",
+                     help="auto: mixed on a GPU, fp32 (the original's numbers) elsewhere; see precision.py")
     rec.set_defaults(run=reconstruct)
     ini = sub.add_parser("init-random", help="write config.yaml + model.ckpt with seeded random weights")
     ini.add_argument("directory", type=Path)

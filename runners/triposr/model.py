@@ -446,11 +446,17 @@ class TripoSR(nn.Module):
         """
         b, n, _ = points.shape
         step = n if chunk_size <= 0 else max(1, chunk_size // b)
-        density = torch.empty(b, n, dtype=scene_codes.dtype, device=scene_codes.device)
-        rgb = torch.empty(b, n, 3, dtype=scene_codes.dtype, device=scene_codes.device)
+        # Under bf16 autocast the decoder answers in bf16; exp and sigmoid run in float32 all the same, since the
+        # iso-level test and the vertex interpolation read the density to more than bf16's 3 digits.
+        out_dtype = torch.promote_types(scene_codes.dtype, torch.float32)
+        density = torch.empty(b, n, dtype=out_dtype, device=scene_codes.device)
+        rgb = torch.empty(b, n, 3, dtype=out_dtype, device=scene_codes.device)
         for start in range(0, n, step):
-            pts = points[:, start : start + step].to(scene_codes.device, scene_codes.dtype)
-            raw = self.decoder(sample_triplanes(scene_codes, pts, self.cfg.radius))
+            # Points and sampling stay in float32 even when the codes come from a bf16 pass: a bf16 coordinate
+            # would be off by up to 1/256 of its value, a shift of a whole grid cell near the box's edge.
+            pts = points[:, start : start + step].to(scene_codes.device, out_dtype)
+            feats = sample_triplanes(scene_codes.to(out_dtype), pts, self.cfg.radius)
+            raw = self.decoder(feats).to(out_dtype)
             density[:, start : start + step] = torch.exp(raw[..., 0] + self.cfg.density_bias)
             rgb[:, start : start + step] = torch.sigmoid(raw[..., 1:4])
         return density, rgb
@@ -479,6 +485,10 @@ class TripoSR(nn.Module):
             xy, xz, yz = (torch.einsum("bcij,nc->bijn", planes[:, k], weight[:, k]) for k in range(3))
             xy = xy + first.bias.to(dtype)
         compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dtype
+        from runners.triposr import fused
+
+        if compute == torch.bfloat16 and fused.usable(self.decoder, dev):
+            return fused.density(xy, xz, yz, self.decoder, self.cfg.density_bias)  # the same MLP in one kernel
         density = torch.empty(b, r, r, r, dtype=dtype, device=dev)
         step = max(1, chunk_size // (b * r * r))  # x-slices per chunk
         for i in range(0, r, step):

@@ -64,7 +64,8 @@ class TripoSRService:
 
             self.model, self.version = load_model(_SOURCE, device=settings.triposr_device)
             self.state = "ready"
-            log.info("TripoSR %s loaded from %s in %.1f s", self.version, _SOURCE, time.monotonic() - began)
+            log.info("TripoSR %s loaded from %s on %s in %.1f s (precision %s)", self.version, _SOURCE,
+                     self.model.device, time.monotonic() - began, settings.triposr_precision)
         except ModelNotFound as exc:
             self.state, self.detail = "missing", str(exc)
             log.warning("No TripoSR model: %s", exc)
@@ -96,6 +97,7 @@ class TripoSRService:
 
         began = time.monotonic()
         glbs = reconstruct_encoded(self.model, images, resolution=settings.triposr_mc_resolution,
-                                   threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m)
+                                   threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m,
+                                   precision=settings.triposr_precision)
         log.info("TripoSR batch of %d in %.2f s", len(images), time.monotonic() - began)
         return glbs

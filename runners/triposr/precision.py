@@ -1,0 +1,61 @@
+"""TRIPOSR_PRECISION: the number formats a reconstruction runs in, for its two halves.
+
+A reconstruction is the image-to-triplane network (one pass per batch), then the density grid (the decoder at R^3
+points per scene). Points, triplane sampling, exp/sigmoid and the grid itself stay float32 in every mode (see
+TripoSR.query): a bf16 coordinate would be off by up to a whole grid cell.
+
+| mode    | network                                  | density grid's decoder            |
+|---------|------------------------------------------|-----------------------------------|
+| `fp32`  | float32 products: the original's numbers | float32                           |
+| `mixed` | float32 with TF32 tensor-core products   | bf16 products, float32 sums       |
+| `bf16`  | bf16 autocast                            | bf16 products, float32 sums       |
+
+`auto` is `mixed` on a GPU and `fp32` on a CPU. TF32 exists on GPUs only, so on a CPU `mixed` runs the network in
+plain float32. Why `mixed`: with random official weights the bf16 network alone moves the mesh by a Chamfer distance
+of 1.0e-3 (measured on the CPU), the bf16 grid alone by 5.9e-4; TF32 keeps 3 more bits than bf16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("auto", "fp32", "mixed", "bf16")
+
+
+@dataclass(frozen=True)
+class Precision:
+    network: str  # "fp32" | "tf32" | "bf16"
+    grid: str  # "fp32" | "bf16"
+
+
+_PLANS = {"fp32": Precision("fp32", "fp32"), "mixed": Precision("tf32", "bf16"), "bf16": Precision("bf16", "bf16")}
+
+
+def resolve(mode: str, device: torch.device) -> Precision:
+    if mode == "auto":
+        mode = "mixed" if device.type == "cuda" else "fp32"
+    if mode not in _PLANS:
+        raise ValueError(f"precision {mode!r}: use one of {', '.join(MODES)}")
+    return _PLANS[mode]
+
+
+@contextmanager
+def number_format(kind: str, device: torch.device) -> Iterator[None]:
+    """Run the block's matrix products in `kind`: fp32 (strict), tf32 (CUDA's TF32 tensor cores) or bf16."""
+    if kind == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            yield
+        return
+    # PyTorch lets cuDNN convolutions use TF32 by default; strict fp32 turns that off too. These flags are
+    # process-wide, not per thread: every batch of a service runs in the one mode its settings name, so batches
+    # in parallel threads set the same values; they are put back afterwards.
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = kind == "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
