@@ -182,6 +182,36 @@ def test_an_unreachable_server_is_said_in_words(tab, server):
     assert tab.text("#error").startswith("The server cannot be reached.")
 
 
+def submit_in_a_new_tab(browser, server: Server, shot: str, prompt: str = "a teapot") -> str:
+    """Submit from the page of `server`; -> the error the page shows (a screenshot goes to test-output/)."""
+    t = Tab(browser, server)
+    try:
+        t.page.fill("#prompt", prompt)
+        t.page.press("#prompt", "Enter")
+        t.page.wait_for_selector("#error:not([hidden])")
+        assert t.page.locator("#progress").is_hidden()
+        t.shot(shot)
+        return t.text("#error")
+    finally:
+        t.context.close()
+        assert t.errors == []
+
+
+def test_a_full_queue_says_so_and_when_to_try_again(browser, tmp_path):
+    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "GROK3D_QUEUE_MAX": "1",
+           "GROK3D_RETRY_AFTER_S": "7", "TEST_IMAGE_SLEEP_S": "60"}
+    with Server(tmp_path, env) as srv:
+        assert httpx.post(srv.url + "/api/generate", json={"prompt": "a cat"}).status_code == 200  # fills it
+        shown = submit_in_a_new_tab(browser, srv, "queue-full")
+    assert shown == "Too many jobs queued, retry later (try again in 7 s)"
+
+
+def test_a_server_without_an_xai_key_says_what_is_missing(browser, tmp_path):
+    with Server(tmp_path, {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": ""}) as srv:
+        shown = submit_in_a_new_tab(browser, srv, "no-xai-key")
+    assert shown == "Image generation is not configured: set XAI_API_KEY"
+
+
 def test_unknown_job_in_the_address_says_job_not_found(browser, server):
     t = Tab(browser, server)
     t.page.goto(server.url + "/#job=00000000")
