@@ -6,8 +6,11 @@ usd-core 26.11's UsdValidation validators plus the ARKit rules restated in tests
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import struct
+import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -70,6 +73,30 @@ async def test_preview_render_frames_the_model(pool: BlenderPool, work: Path, gl
     assert Image.open(jpeg).size == (512, 512)
     assert 0.10 < coverage(jpeg) < 0.90
     assert result.counts == {"objects": 0, "meshes": 0, "materials": 0, "images": 0}
+
+
+async def test_the_same_model_gives_the_same_bytes(pool: BlenderPool, work: Path, glb_20k: Path) -> None:
+    """No time of day in the files: the USDZ's zip entry times are fixed, the preview has no Blender comments."""
+    files = []
+    for n in range(2):
+        if n:
+            await asyncio.sleep(2.1)  # zip times count in 2-second steps
+        folder = work / f"same-{n}"  # the USDZ names its inner file after itself: same names, other folders
+        folder.mkdir()
+        usdz, jpeg = folder / "model.usdz", folder / "preview.jpg"
+        await pool.convert(glb_20k, usdz)
+        await pool.render_preview(glb_20k, jpeg)
+        files.append((usdz.read_bytes(), jpeg.read_bytes()))
+    assert files[0] == files[1]
+    usdz_bytes, jpeg_bytes = files[0]
+    assert b"Blender:" not in jpeg_bytes and jpeg_bytes[:3] == b"\xff\xd8\xff"
+    with zipfile.ZipFile(io.BytesIO(usdz_bytes)) as archive:
+        assert archive.testzip() is None
+        for info in archive.infolist():
+            assert info.date_time == (1980, 1, 1, 0, 0, 0)
+            # USDZ: each file's data still starts on a 64-byte boundary after the patch
+            names, extras = struct.unpack_from("<HH", usdz_bytes, info.header_offset + 26)
+            assert (info.header_offset + 30 + names + extras) % 64 == 0
 
 
 def _glb(document: dict, binary: bytes = b"") -> bytes:

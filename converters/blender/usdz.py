@@ -7,7 +7,10 @@ user can read; anything else is a bug in this module.
 
 from __future__ import annotations
 
+import io
 import math
+import struct
+import zipfile
 from pathlib import Path
 
 import bpy
@@ -187,6 +190,45 @@ def _export_usdz(usdz_path: Path, mesh_colours: bool) -> None:
     )
 
 
+_DOS_DATE_1980_01_01 = (1 << 5) | 1
+
+
+def fix_zip_times(path: Path) -> None:
+    """Set every entry's time in a USDZ to 1980-01-01 00:00, so the same model makes the same bytes (the packager
+    stamps the current time). Patched in place: a USDZ's file data sits on 64-byte boundaries that rewriting the
+    archive with zipfile would not keep."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
+        entries = archive.infolist()
+    for info in entries:  # local file headers: signature, version, flags, method, then time and date
+        struct.pack_into("<HH", data, info.header_offset + 10, 0, _DOS_DATE_1980_01_01)
+    end = data.rfind(b"PK\x05\x06")  # end of central directory: entry count and the directory's offset
+    count, _, offset = struct.unpack_from("<HII", data, end + 10)
+    for _ in range(count):  # central directory headers: the same two fields at 12, then three variable lengths
+        if data[offset : offset + 4] != b"PK\x01\x02":
+            raise RuntimeError(f"{path}: unexpected zip layout")
+        struct.pack_into("<HH", data, offset + 12, 0, _DOS_DATE_1980_01_01)
+        names, extras, comments = struct.unpack_from("<HHH", data, offset + 28)
+        offset += 46 + names + extras + comments
+    path.write_bytes(data)
+
+
+def strip_jpeg_comments(path: Path) -> None:
+    """Drop a JPEG's comment segments, where Blender writes the date and the render time: the same model, the same
+    bytes. The segments before the scan are walked by their lengths; the scan and what follows are kept as is."""
+    data = path.read_bytes()
+    out, at = bytearray(data[:2]), 2  # SOI
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker == 0xDA:  # start of scan: the image data, to the end
+            break
+        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker != 0xFE:  # COM
+            out += data[at:end]
+        at = end
+    path.write_bytes(bytes(out + data[at:]))
+
+
 def _ensure_empty() -> None:
     """Each request ends with a reset; reset again only if something (a crash in a hook) left data behind."""
     if any(scene_counts().values()):
@@ -208,6 +250,7 @@ def convert(glb_path: Path, usdz_path: Path, bake_size: int, max_faces: int) -> 
         _export_usdz(usdz_path, mesh_colours=attribute is not None and bake_size <= 0)
         if not usdz_path.is_file():
             raise RuntimeError("the USD exporter wrote no file")
+        fix_zip_times(usdz_path)
         return {"faces": faces}
     finally:
         reset_scene()
@@ -285,6 +328,7 @@ def render_preview(glb_path: Path, jpeg_path: Path, size: int, max_faces: int) -
         scene.render.image_settings.quality = 90
         scene.render.filepath = str(jpeg_path)
         bpy.ops.render.render(write_still=True)
+        strip_jpeg_comments(jpeg_path)
         return {"faces": len(obj.data.polygons)}
     finally:
         reset_scene()
