@@ -62,10 +62,16 @@ class TripoSRService:
         try:
             from runners.triposr.inference import ModelNotFound, load_model
 
+            from runners.triposr import fused
+            from runners.triposr.precision import resolve
+
             self.model, self.version = load_model(_SOURCE, device=settings.triposr_device)
+            if resolve(settings.triposr_precision, self.model.device).grid == "bf16":
+                fused.usable(self.model.decoder, self.model.device)  # its check and compilation, before requests
             self.state = "ready"
-            log.info("TripoSR %s loaded from %s on %s in %.1f s (precision %s)", self.version, _SOURCE,
-                     self.model.device, time.monotonic() - began, settings.triposr_precision)
+            log.info("TripoSR %s loaded from %s on %s in %.1f s (precision %s, fused density grid %s)",
+                     self.version, _SOURCE, self.model.device, time.monotonic() - began,
+                     settings.triposr_precision, fused.state(self.model.device))
         except ModelNotFound as exc:
             self.state, self.detail = "missing", str(exc)
             log.warning("No TripoSR model: %s", exc)
