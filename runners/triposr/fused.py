@@ -119,8 +119,7 @@ if triton is not None:
         h += tl.load(yz_ptr + planes + (j * R + k)[:, None] * WIDTH + c[None, :], mask=inside[:, None], other=0.0)
         h = _silu(h)
         for layer in tl.static_range(HIDDEN):
-            # nn.Linear keeps W as [out, in]; the product wants [in, out].
-            w = tl.load(w_ptr + layer * WIDTH * WIDTH + c[:, None] + c[None, :] * WIDTH)
+            w = tl.load(w_ptr + layer * WIDTH * WIDTH + c[:, None] * WIDTH + c[None, :])  # [in, out]
             if EMULATE_BF16:  # Triton's interpreter multiplies bf16 wrongly: the same products in float32
                 h = tl.dot(h.to(tl.bfloat16).to(tl.float32), w.to(tl.float32))
             else:
@@ -135,13 +134,14 @@ def density(xy: torch.Tensor, xz: torch.Tensor, yz: torch.Tensor, decoder: torch
             density_bias: float) -> torch.Tensor:
     """Projected planes [B, R, R, n] float32 (xy holding the first layer's bias) -> density [B, R, R, R] float32.
 
-    decoder: the NeRFMLP whose first layer made the projections (its layers[2::2] are the hidden Linears, its last
-    layer the output).
+    decoder: the NeRFMLP whose first Linear made the projections; the Linears between it and the last (the output,
+    of which only the density row is used) are the hidden layers the kernel runs.
     """
     b, r, _, width = xy.shape
     linears = [m for m in decoder.layers if isinstance(m, torch.nn.Linear)]
     hidden, last = linears[1:-1], linears[-1]
-    weights = torch.stack([m.weight for m in hidden]).to(xy.device, torch.bfloat16).contiguous()
+    # nn.Linear keeps W as [out, in]; the kernel's products read [in, out] rows.
+    weights = torch.stack([m.weight.T for m in hidden]).to(xy.device, torch.bfloat16).contiguous()
     biases = torch.stack([m.bias for m in hidden]).to(xy.device, torch.float32).contiguous()
     out = torch.empty(b, r, r, r, dtype=torch.float32, device=xy.device)
     block = BLOCK * 8 if interpreting() else BLOCK  # the interpreter's cost is per program, not per point
