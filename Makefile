@@ -75,6 +75,7 @@ bench: .venv
 	$(PY) bench/api_bench.py
 	$(PY) bench/convert_bench.py
 	$(PY) bench/triposr_model_bench.py
+	$(PY) bench/triposr_precision_cpu.py
 	$(PY) bench/triposr_service_bench.py
 
 import-model: .venv

@@ -468,7 +468,8 @@ class TripoSR(nn.Module):
         What query() computes at those R^3 points, factorised: on the grid, each plane is sampled at only R x R
         places and the decoder's first layer is linear in the three planes' features, so that layer is applied to
         the sampled planes once and its three parts are summed per point. That skips sampling 3C features at
-        R^3 points and a third of the decoder's work; the numbers differ from query()'s by float rounding only.
+        R^3 points and the first layer's per-point products (a fifth of the official decoder's); the numbers differ
+        from query()'s by float rounding only. In bf16 on a GPU the remaining layers run as one kernel (fused.py).
         """
         b, _, c, h, w = scene_codes.shape
         r, dev = resolution, scene_codes.device
@@ -485,7 +486,7 @@ class TripoSR(nn.Module):
             xy, xz, yz = (torch.einsum("bcij,nc->bijn", planes[:, k], weight[:, k]) for k in range(3))
             xy = xy + first.bias.to(dtype)
         compute = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else dtype
-        from runners.triposr import fused
+        from runners.triposr import fused  # here, not at the top: it imports Triton, which a CPU never needs
 
         if compute == torch.bfloat16 and fused.usable(self.decoder, dev):
             return fused.density(xy, xz, yz, self.decoder, self.cfg.density_bias)  # the same MLP in one kernel
