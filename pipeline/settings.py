@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     triposr_model: str = Field("triposr:latest", alias="TRIPOSR_MODEL")
     triposr_device: str | None = Field(None, alias="TRIPOSR_DEVICE")
     triposr_precision: Literal["auto", "fp32", "mixed", "bf16"] = Field("auto", alias="TRIPOSR_PRECISION")
-    triposr_mc_resolution: int = Field(256, alias="TRIPOSR_MC_RESOLUTION", ge=8)
+    triposr_mc_resolution: int = Field(256, alias="TRIPOSR_MC_RESOLUTION", ge=8, le=1024)
     triposr_mc_threshold: float = Field(25.0, alias="TRIPOSR_MC_THRESHOLD")
     triposr_max_batch_size: int = Field(8, alias="TRIPOSR_MAX_BATCH_SIZE", ge=2)
     triposr_max_latency_ms: int = Field(300_000, alias="TRIPOSR_MAX_LATENCY_MS", ge=1)

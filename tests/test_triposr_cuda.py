@@ -57,17 +57,22 @@ def test_float32_grid_on_cuda_is_the_cpu_grid(models) -> None:
     torch.testing.assert_close(grid, cpu.density_grid(codes(), 32), rtol=1e-4, atol=1e-5)
 
 
-def test_the_fused_kernel_passes_its_check_and_matches_float32(models) -> None:
+def test_the_fused_kernel_passes_its_check_and_matches_float32(models, monkeypatch) -> None:
     from runners.triposr import fused
 
     cpu, gpu = models
     official = random_model("official", seed=0, device="cuda")
-    assert fused.usable(official.decoder, GPU), fused.state(GPU)
+    assert fused.usable(official.decoder, GPU), fused.state(GPU)  # its real bf16 products, compiled for this GPU
+    calls = []
+    kernel = fused.density
+    monkeypatch.setattr(fused, "density", lambda *a: calls.append(1) or kernel(*a))
     exact = cpu.density_grid(codes(), 32)
     with number_format("bf16", GPU):
-        grid = gpu.density_grid(codes().cuda(), 32).cpu()
-    assert fused.state(GPU) == "on"
-    assert float((grid.log() - exact.log()).abs().max()) < 0.02
+        grid = gpu.density_grid(codes().cuda(), 33).cpu()  # 33: a partial last block
+    assert calls == [1], "the grid did not take the kernel"
+    want = cpu.density_grid(codes(), 33)
+    assert float((grid.log() - want.log()).abs().max()) < 0.02
+    assert exact.shape == (2, 32, 32, 32)
 
 
 @pytest.mark.parametrize("mode", ["fp32", "mixed", "bf16"])

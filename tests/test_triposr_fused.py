@@ -106,7 +106,23 @@ def test_a_kernel_with_wrong_numbers_turns_itself_off(fused, model: TripoSR, mon
     assert fused.state(CPU).startswith("off: its densities differ from PyTorch's")
 
 
-def test_a_decoder_too_narrow_for_the_kernel_keeps_pytorch(fused) -> None:
+def test_a_wider_deeper_decoder_on_an_odd_grid_of_three_scenes(fused) -> None:
+    """Layer offsets and order (three hidden layers, width 32), per-scene offsets and a last, partial block."""
+    from runners.triposr.model import NeRFMLP
+
+    torch.manual_seed(0)
+    decoder = NeRFMLP(24, 32, 4, "silu")
+    xy, xz, yz = (torch.randn(3, 9, 9, 32) for _ in range(3))
+    with torch.no_grad():
+        got = fused.density(xy, xz, yz, decoder, 0.5)
+        want = torch.exp(decoder.layers[1:](xy[:, :, :, None] + xz[:, :, None] + yz[:, None])[..., 0] + 0.5)
+        shuffled = fused.density(xy, xz, yz.transpose(1, 2).contiguous(), decoder, 0.5)  # y, z swapped in a plane
+    error = float((got.log() - want.log()).abs().max())
+    assert got.shape == (3, 9, 9, 9) and error < 0.02 * max(1.0, float(want.log().abs().max()))
+    assert float((shuffled.log() - want.log()).abs().max()) > 10 * error  # the bound above tells them apart
+
+
+def test_a_decoder_too_narrow_for_the_kernel_is_not_offered_it(fused) -> None:
     narrow = torch.nn.Module()
     narrow.layers = torch.nn.Sequential(torch.nn.Linear(24, 12))
     assert not fused.usable(narrow, CPU)
