@@ -51,12 +51,42 @@ def test_number_formats_set_and_put_back_the_tf32_flags() -> None:
         assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
 
 
+def test_tf32_flags_are_shared_by_blocks_of_one_kind_and_refused_to_another() -> None:
+    import threading
+
+    cpu = torch.device("cpu")
+    before = torch.backends.cuda.matmul.allow_tf32
+    inside, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        with number_format("tf32", cpu):
+            inside.set()
+            release.wait(10)
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    assert inside.wait(10)
+    with number_format("tf32", cpu):  # the same kind alongside: fine
+        assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32  # still set: the other thread's block has not ended
+    with pytest.raises(RuntimeError, match="process-wide"):
+        with number_format("fp32", cpu):
+            pass
+    release.set()
+    worker.join()
+    assert torch.backends.cuda.matmul.allow_tf32 == before
+
+
 def test_the_setting_accepts_only_known_precisions(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().triposr_precision == "auto"
     monkeypatch.setenv("TRIPOSR_PRECISION", "mixed")
     assert Settings().triposr_precision == "mixed"
     monkeypatch.setenv("TRIPOSR_PRECISION", "fp16")
     with pytest.raises(ValidationError, match="TRIPOSR_PRECISION"):
+        Settings()
+    monkeypatch.setenv("TRIPOSR_PRECISION", "auto")
+    monkeypatch.setenv("TRIPOSR_MC_RESOLUTION", "2048")  # the fused kernel's int32 indices stop at 1024^3
+    with pytest.raises(ValidationError, match="TRIPOSR_MC_RESOLUTION"):
         Settings()
 
 

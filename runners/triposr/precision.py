@@ -18,6 +18,7 @@ to the fp32 mesh; the issue's bar is 1e-3): bf16 network 1.0e-3, bf16 grid 5.9e-
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,19 +45,39 @@ def resolve(mode: str, device: torch.device) -> Precision:
     return _PLANS[mode]
 
 
+_flags_lock = threading.Lock()
+_flag_users: list[str] = []  # the kinds of the fp32/tf32 blocks now running, in any thread
+_flags_before: tuple[bool, bool] | None = None
+
+
+def _tf32_flags(on: bool) -> None:
+    # PyTorch lets cuDNN convolutions use TF32 by default; strict fp32 turns that off too.
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+
 @contextmanager
 def number_format(kind: str, device: torch.device) -> Iterator[None]:
-    """Run the block's matrix products in `kind`: fp32 (strict), tf32 (CUDA's TF32 tensor cores) or bf16."""
+    """Run the block's matrix products in `kind`: fp32 (strict), tf32 (CUDA's TF32 tensor cores) or bf16.
+
+    bf16 is autocast, per thread. fp32 and tf32 set PyTorch's TF32 flags, which are process-wide: blocks of the
+    same kind may overlap in several threads; one of the other kind meanwhile is an error (a service runs every
+    batch in the one mode its settings name). The flags are put back when the last such block ends."""
     if kind == "bf16":
         with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
         return
-    # PyTorch lets cuDNN convolutions use TF32 by default; strict fp32 turns that off too. These flags are
-    # process-wide, not per thread: every batch of a service runs in the one mode its settings name, so batches
-    # in parallel threads set the same values; they are put back afterwards.
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = kind == "tf32"
+    global _flags_before
+    with _flags_lock:
+        if _flag_users and _flag_users[0] != kind:
+            raise RuntimeError(f"a {kind} block while a {_flag_users[0]} block runs: TF32 is set process-wide")
+        if not _flag_users:
+            _flags_before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+            _tf32_flags(kind == "tf32")
+        _flag_users.append(kind)
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        with _flags_lock:
+            _flag_users.pop()
+            if not _flag_users:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = _flags_before
