@@ -199,30 +199,44 @@ def fix_zip_times(path: Path) -> None:
     archive with zipfile would not keep."""
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(io.BytesIO(bytes(data))) as archive:
-        entries = archive.infolist()
+        entries, directory = archive.infolist(), archive.start_dir
     for info in entries:  # local file headers: signature, version, flags, method, then time and date
         struct.pack_into("<HH", data, info.header_offset + 10, 0, _DOS_DATE_1980_01_01)
-    end = data.rfind(b"PK\x05\x06")  # end of central directory: entry count and the directory's offset
-    count, _, offset = struct.unpack_from("<HII", data, end + 10)
-    for _ in range(count):  # central directory headers: the same two fields at 12, then three variable lengths
-        if data[offset : offset + 4] != b"PK\x01\x02":
+    at = directory
+    for _ in entries:  # central directory headers: the same two fields at 12, then three variable lengths
+        if data[at : at + 4] != b"PK\x01\x02":
             raise RuntimeError(f"{path}: unexpected zip layout")
-        struct.pack_into("<HH", data, offset + 12, 0, _DOS_DATE_1980_01_01)
-        names, extras, comments = struct.unpack_from("<HHH", data, offset + 28)
-        offset += 46 + names + extras + comments
+        struct.pack_into("<HH", data, at + 12, 0, _DOS_DATE_1980_01_01)
+        names, extras, comments = struct.unpack_from("<HHH", data, at + 28)
+        at += 46 + names + extras + comments
     path.write_bytes(data)
+
+
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length follows
 
 
 def strip_jpeg_comments(path: Path) -> None:
     """Drop a JPEG's comment segments, where Blender writes the date and the render time: the same model, the same
-    bytes. The segments before the scan are walked by their lengths; the scan and what follows are kept as is."""
+    bytes. The segments before the scan are walked by their lengths; the scan and what follows are kept as is. A
+    file laid out otherwise than expected is left untouched."""
     data = path.read_bytes()
     out, at = bytearray(data[:2]), 2  # SOI
-    while at + 4 <= len(data) and data[at] == 0xFF:
+    while True:
+        if at + 2 > len(data) or data[at] != 0xFF:
+            return  # not the JPEG this expects: leave it
+        if data[at + 1] == 0xFF:  # fill byte
+            at += 1
+            continue
         marker = data[at + 1]
         if marker == 0xDA:  # start of scan: the image data, to the end
             break
+        if marker in _STANDALONE_MARKERS:
+            out += data[at : at + 2]
+            at += 2
+            continue
         end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
+        if end > len(data):
+            return
         if marker != 0xFE:  # COM
             out += data[at:end]
         at = end
