@@ -9,10 +9,11 @@ py=${PY:-.venv/bin/python}
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
            --platform manylinux1_x86_64 --platform manylinux_2_5_x86_64)
 target=(--python-version 3.12 --implementation cp --only-binary=:all: "${platforms[@]}")
-# The runtime pins, minus what comes with PyTorch images (and would cost hundreds of MB to carry).
+# What PyTorch images come with (and would cost hundreds of MB to carry): left out of the pins and of their needs.
+export SKIP="torch numpy scipy scikit-image pillow pyyaml huggingface-hub"
 mapfile -t pins < <("$py" - <<'PY'
-import tomllib
-skip = {"torch", "numpy", "scipy", "scikit-image", "pillow", "pyyaml", "huggingface-hub"}
+import os, tomllib
+skip = set(os.environ["SKIP"].split())
 for pin in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]:
     name = pin.split("==")[0].strip().lower().replace("_", "-")
     if name not in skip:
@@ -23,8 +24,8 @@ report=$(mktemp)
 "$py" -m pip install -q --dry-run --ignore-installed --report "$report" "${target[@]}" --target "$(mktemp -d)" \
     "${pins[@]}" psutil
 mapfile -t needed < <("$py" - "$report" <<'PY'
-import json, sys
-skip = {"torch", "numpy", "scipy", "scikit-image", "pillow", "pyyaml", "huggingface-hub"}
+import json, os, sys
+skip = set(os.environ["SKIP"].split())
 for item in json.load(open(sys.argv[1]))["install"]:
     name = item["metadata"]["name"].lower().replace("_", "-")
     if name not in skip:
