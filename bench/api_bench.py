@@ -23,6 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from pipeline.db import sqlite_url  # noqa: E402
 from pipeline.jobs import JobStore  # noqa: E402
 from tests.server import Server, free_port  # noqa: E402
 
@@ -83,7 +84,7 @@ def main() -> None:
     args = parser.parse_args()
 
     data = Path(tempfile.mkdtemp(prefix="g3d-bench-"))
-    store = JobStore(data / "grok3d.db")
+    store = JobStore(sqlite_url(data / "grok3d.db"))
     job = store.create("A futuristic robot cat with glowing blue eyes", queue_max=10)
     store.close()
     # No xAI key and no model: the job stays queued (nothing can run it), which is all a status poll needs.

@@ -5,9 +5,9 @@ Every error under /api is `{"error": "..."}`; FastAPI's 422 and `{"detail": ...}
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
-import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,12 +18,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
-from pipeline.jobs import JobStore, QueueFull, Status, Stage
+from pipeline.jobs import Job, JobStore, QueueFull, Status, Stage
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response
 from pipeline.settings import Settings, get_settings
@@ -121,7 +122,7 @@ def _install_local_docs(app: FastAPI, assets_url: str) -> None:
 
 
 async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
-    store = JobStore(settings.db_path, lease_s=settings.lease_s)
+    store = await asyncio.to_thread(JobStore, settings.store_url, lease_s=settings.lease_s)
     assets = AssetStore(settings.jobs_dir)
     catalog = ExampleCatalog(SHIPPED_DIR, settings.promoted_examples_dir)
     for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
@@ -131,7 +132,8 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
                                 reconstruct_concurrency=settings.reconstruct_concurrency,
                                 max_running=settings.queue_max)
     await orchestrator.start()
-    log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir, store.count_active())
+    log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir,
+             await asyncio.to_thread(store.count_active))
     # Everything loaded so far (BentoML, numpy, scikit-image, ...) lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
@@ -194,23 +196,16 @@ async def _read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
-def _parse_prompt(body: bytes) -> str:
+def _parse_generate(body: bytes) -> schemas.GenerateRequest:
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ApiError(400, "Invalid request body") from None
-    if not isinstance(payload, dict):
-        raise ApiError(400, "Invalid request body")
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ApiError(400, "No prompt provided")
-    prompt = prompt.strip()
-    if len(prompt) > schemas.MAX_PROMPT_CHARS:
-        raise ApiError(400, f"Prompt too long (max {schemas.MAX_PROMPT_CHARS} characters)")
-    return prompt
+        return schemas.GenerateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        raise ApiError(400, schemas.request_error(exc)) from None
 
 
 async def _check_backends(runtime: Runtime) -> None:
+    """503 before a job is accepted that could not finish. The model's state is the one the reconstruct stage
+    already knows (no round trip to the model on the submission path)."""
     if getattr(runtime.stages.image, "unavailable", False):
         raise ApiError(503, NOT_CONFIGURED)
     status = await runtime.stages.reconstruct.status()
@@ -227,28 +222,42 @@ def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
                              progress=100, created_at=entry.created_at, prompt=entry.prompt)
 
 
+# The status object of API.md §2, field by field from the job (JobStatus documents it; the hot path does not
+# re-validate a row the store wrote).
+STATUS_FIELDS = tuple(schemas.JobStatus.model_fields)
+
+
+def status_body(job: Job) -> dict:
+    return {name: getattr(job, name) for name in STATUS_FIELDS}
+
+
+async def _get_job(runtime: Runtime, job_id: str) -> Job | None:
+    return await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None
+
+
 def _errors(*codes: int) -> dict[int | str, dict]:
     return {code: {"model": schemas.ErrorBody} for code in codes}
 
 
 def _install_routes(app: FastAPI) -> None:
-    # The body is parsed by hand (API.md's exact 400s, 413 while streaming); the schema still documents it.
+    # The body is read by hand (413 while streaming, before it is all in memory), then validated by its model,
+    # whose errors map to API.md's exact 400s.
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
               responses=_errors(400, 413, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}}})
     async def generate(request: Request) -> schemas.GenerateResponse:
         runtime = _runtime(request)
-        prompt = _parse_prompt(await _read_body(request))
+        body = _parse_generate(await _read_body(request))
         await _check_backends(runtime)
         try:
-            job = runtime.store.create(prompt, queue_max=runtime.settings.queue_max)
+            job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max)
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None
         runtime.orchestrator.wake()
         log.info("job %s queued", job.job_id)
-        return schemas.GenerateResponse(job_id=job.job_id, status=job.status.value)
+        return schemas.GenerateResponse(job_id=job.job_id, status=job.status)
 
     # The hot path. This APIRoute documents it (the id's parameter by hand); a plain Starlette route with the
     # same endpoint serves it, see below.
@@ -260,14 +269,10 @@ def _install_routes(app: FastAPI) -> None:
         runtime = _runtime(request)
         if is_example_id(job_id):
             return JSONResponse(_example_status(runtime, job_id).model_dump())
-        job = runtime.store.get(job_id) if is_job_id(job_id) else None
+        job = await _get_job(runtime, job_id)
         if job is None:
             raise ApiError(404, "Job not found")
-        # The hot path: a plain dict straight to JSON (the response model documents it; re-validating a row we
-        # wrote ourselves would only cost time).
-        return JSONResponse({"job_id": job.job_id, "status": job.status.value, "stage": job.stage.value,
-                             "progress": job.progress, "created_at": job.created_at, "prompt": job.prompt,
-                             "error": job.error, "model_version": job.model_version})
+        return JSONResponse(status_body(job))
 
     # Served by a plain Starlette route placed first: FastAPI's per-request machinery costs more than the lookup
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
@@ -285,7 +290,7 @@ def _install_routes(app: FastAPI) -> None:
             if example is None:
                 raise ApiError(404, "Job not found")
             path = example.path(kind)
-        elif is_job_id(job_id) and runtime.store.get(job_id) is not None:
+        elif await _get_job(runtime, job_id) is not None:
             path = runtime.assets.path(job_id, kind)
         else:
             raise ApiError(404, "Job not found")

@@ -40,9 +40,11 @@ def converter(settings: Settings) -> Converter:
 
 
 def default_stages(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
-    """The production stages, or those built by GROK3D_STAGES ("module:function", called with the settings and
-    the reconstructor, returning Stages): for tests and custom backends."""
+    """The production stages, or, for tests, those built by GROK3D_STAGES ("module:function", called with the
+    settings and the reconstructor, returning Stages; Settings refuses it without GROK3D_ALLOW_TEST_STAGES=1)."""
     if settings.stages_factory:
+        log.warning("TEST STAGES ACTIVE: GROK3D_STAGES=%s replaces the real stages; this server makes no real "
+                    "models", settings.stages_factory)
         module_name, _, attr = settings.stages_factory.partition(":")
         factory = getattr(importlib.import_module(module_name), attr)
         return factory(settings, reconstructor)

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     settings = get_settings()
-    store = JobStore(settings.db_path)
+    store = JobStore(settings.store_url)
     try:
         entry = promote(args.job_id, args.name, args.description, store=store,
                         assets=AssetStore(settings.jobs_dir), root=settings.promoted_examples_dir, slug=args.slug)

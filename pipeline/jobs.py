@@ -1,22 +1,29 @@
-"""A job, its state machine, and the SQLite store that keeps it.
+"""A job, its state machine, and the store that keeps it (the `jobs` table of `pipeline.db`).
 
-The store is the one source of truth shared by every process: a job is inserted (durably) before the client
-hears its id, claimed with one atomic UPDATE that sets an owner and a lease, and moved forward stage by stage.
-A lease that runs out (its owner died) makes the job claimable again, so it resumes elsewhere or after a restart.
+The store is the one source of truth shared by every process: a job is inserted (durably) before the client hears
+its id, claimed by one compare-and-set that sets an owner, a lease and the next attempt number, and moved forward
+stage by stage. A lease that runs out (its owner died or stalled) makes the job claimable again, so it resumes
+elsewhere or after a restart. Every write of a running job is fenced by owner and attempt: once a job has been
+taken over, its former owner's writes change nothing and raise `LeaseLost`.
+
+Every method is blocking (a short indexed statement or two): async callers run them in a thread.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import socket
-import sqlite3
 import threading
-import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 
+from sqlalchemy import Connection, and_, bindparam, case, exc, func, insert, select, update
+
+from pipeline.db import create_store_engine, db_now, jobs, migrate
 from pipeline.storage import new_job_id
 
 
@@ -28,6 +35,8 @@ class Status(str, Enum):
 
 
 class Stage(str, Enum):
+    """A job's stages in the order it passes them (`error` ends a job at any point)."""
+
     initializing = "initializing"
     generating_image = "generating_image"
     generating_3d = "generating_3d"
@@ -36,26 +45,56 @@ class Stage(str, Enum):
     error = "error"
 
 
-# Stages only move forward: a stage's rank is its position in a job's life.
-STAGE_ORDER = [Stage.initializing, Stage.generating_image, Stage.generating_3d, Stage.converting_usdz, Stage.complete]
 ACTIVE = (Status.queued.value, Status.processing.value)
+_FORWARD = list(Stage)[:-1]  # the running order; `error` is reached only through fail()
+
+
+def stages_up_to(stage: Stage) -> list[str]:
+    """The stages a running job may be in for `stage` to be a step forward (or the same stage)."""
+    return [s.value for s in _FORWARD[: _FORWARD.index(stage) + 1]]
 
 
 class QueueFull(Exception):
     """GROK3D_QUEUE_MAX jobs are queued or running."""
 
 
+class LeaseLost(Exception):
+    """The job was taken over by another owner (this one's lease lapsed), or it ended: this owner must stop."""
+
+
 @dataclass(frozen=True)
 class Job:
+    """One row of the `jobs` table, field for field (a test holds the two together)."""
+
     job_id: str
     prompt: str
     status: Status
     stage: Stage
     progress: int
     created_at: str
-    error: str | None = None
-    model_version: str | None = None
-    owner: str | None = None
+    updated_at: str
+    error: str | None
+    model_version: str | None
+    owner: str | None
+    lease_until: float | None
+    attempt: int
+
+    @classmethod
+    def from_row(cls, row) -> Job:
+        values = row._mapping
+        return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"])})
+
+
+@dataclass(frozen=True)
+class Lease:
+    """The right to write one running job: its id, the owner that claimed it, and that claim's number."""
+
+    job_id: str
+    owner: str
+    attempt: int
+
+
+JOB_COLUMNS = [f.name for f in fields(Job)]
 
 
 def utc_now_iso() -> str:
@@ -64,12 +103,13 @@ def utc_now_iso() -> str:
 
 
 def process_owner_id() -> str:
-    """host:pid — enough to tell, on this host, whether the owner of a lease is still alive."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """host:pid:nonce. The host and pid tell, on this host, whether an owner is still alive; the nonce keeps two
+    owners apart where pids repeat (every container's first process is pid 1) or one process runs two."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
 
 
 def _owner_is_dead(owner: str) -> bool:
-    host, _, pid = owner.rpartition(":")
+    host, pid = (owner.split(":") + ["", ""])[:2]
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another machine's job: only its lease can tell
     try:
@@ -81,150 +121,145 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    job_id        TEXT PRIMARY KEY,
-    prompt        TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    stage         TEXT NOT NULL,
-    progress      INTEGER NOT NULL,
-    created_at    TEXT NOT NULL,
-    updated_at    TEXT NOT NULL,
-    error         TEXT,
-    model_version TEXT,
-    owner         TEXT,
-    lease_until   REAL
-);
-CREATE INDEX IF NOT EXISTS jobs_active ON jobs (created_at) WHERE status IN ('queued', 'processing');
-"""
-
-_COLUMNS = "job_id, prompt, status, stage, progress, created_at, error, model_version, owner"
-_GET = f"SELECT {_COLUMNS} FROM jobs WHERE job_id = ?"  # the status poll: one primary-key lookup
+def _at_least(column, value: int):
+    """The larger of a column and a number, in portable SQL (SQLite's max(a, b) is PostgreSQL's greatest)."""
+    return case((column < value, value), else_=column)
 
 
-def _row_to_job(row: tuple) -> Job:
-    job_id, prompt, status, stage, progress, created_at, error, model_version, owner = row
-    return Job(job_id, prompt, Status(status), Stage(stage), progress, created_at, error, model_version, owner)
+def _fenced(lease: Lease):
+    return and_(jobs.c.job_id == lease.job_id, jobs.c.owner == lease.owner, jobs.c.attempt == lease.attempt,
+                jobs.c.status == Status.processing.value)
 
 
 class JobStore:
-    """SQLite in WAL mode. One connection per store, guarded by a lock: every statement is a short indexed one."""
+    """The job store on SQLAlchemy Core: `url` is an SQLAlchemy database URL (today the SQLite file
+    `sqlite+pysqlite:////path/grok3d.db`). The schema is migrated to the newest revision on open."""
 
-    def __init__(self, path: Path, *, lease_s: float = 60.0) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
+    def __init__(self, url: str, *, lease_s: float = 60.0) -> None:
         self.lease_s = lease_s
-        self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN ourselves, so each write is exactly one transaction.
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")  # an accepted job is on disk before the client hears of it
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._db.executescript(_SCHEMA)
+        self.engine = create_store_engine(url)
+        # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in SQLite's busy handler
+        # (1, 2, 5, ... 100 ms steps) rather than waking when it frees: writers of this process queue on a lock of
+        # ours instead, and only other processes meet the busy handler.
+        self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
+        migrate(self.engine)
+        self._get = select(jobs).where(jobs.c.job_id == bindparam("job_id"))  # the status poll: one key lookup
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.engine.dispose()
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self.engine.connect().execution_options(sqlite_immediate=True) as conn, \
+                conn.begin():
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
 
     # -- writes ---------------------------------------------------------------------------------------------
 
     def create(self, prompt: str, *, queue_max: int) -> Job:
         """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull)."""
         now = utc_now_iso()
-        with self._lock:
-            for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
-                job_id = new_job_id()
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    active = self._db.execute(
-                        "SELECT count(*) FROM jobs WHERE status IN (?, ?)", ACTIVE
-                    ).fetchone()[0]
+        for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
+            values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
+                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now)
+            try:
+                with self._write() as conn:
+                    active = conn.execute(select(func.count()).select_from(jobs)
+                                          .where(jobs.c.status.in_(ACTIVE))).scalar_one()
                     if active >= queue_max:
-                        self._db.execute("ROLLBACK")
                         raise QueueFull()
-                    self._db.execute(
-                        "INSERT INTO jobs (job_id, prompt, status, stage, progress, created_at, updated_at)"
-                        " VALUES (?, ?, ?, ?, 0, ?, ?)",
-                        (job_id, prompt, Status.queued.value, Stage.initializing.value, now, now),
-                    )
-                    self._db.execute("COMMIT")
-                    return Job(job_id, prompt, Status.queued, Stage.initializing, 0, now)
-                except sqlite3.IntegrityError:
-                    self._db.execute("ROLLBACK")
+                    row = conn.execute(insert(jobs).values(**values).returning(*jobs.c)).one()
+                return Job.from_row(row)
+            except exc.IntegrityError:
+                continue
         raise RuntimeError("could not allocate a unique job id")
 
     def claim(self, owner: str, *, exclude: set[str] = frozenset()) -> Job | None:
-        """Atomically take the oldest runnable job: queued, or processing with a lapsed lease or a dead owner."""
-        now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                rows = self._db.execute(
-                    "SELECT job_id, owner, lease_until FROM jobs WHERE status IN (?, ?) ORDER BY created_at",
-                    ACTIVE,
-                ).fetchall()
-                for job_id, old_owner, lease_until in rows:
-                    if job_id in exclude:
-                        continue
-                    free = old_owner is None or (lease_until or 0) < now or (
-                        old_owner != owner and _owner_is_dead(old_owner)
-                    )
-                    if not free:
-                        continue
-                    row = self._db.execute(
-                        f"UPDATE jobs SET owner = ?, lease_until = ?, status = ?,"
-                        f" progress = max(progress, 5), updated_at = ? WHERE job_id = ? RETURNING {_COLUMNS}",
-                        (owner, now + self.lease_s, Status.processing.value, utc_now_iso(), job_id),
-                    ).fetchone()
-                    self._db.execute("COMMIT")
-                    return _row_to_job(row)
-                self._db.execute("COMMIT")
-                return None
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        """Take the oldest runnable job: queued, or processing with a lapsed lease or an owner that died on this
+        host. The take is a compare-and-set on (owner, attempt), so two claimers never both win."""
+        with self._read() as conn:
+            candidates = conn.execute(
+                select(jobs.c.job_id, jobs.c.owner, jobs.c.attempt, (jobs.c.lease_until < db_now()).label("lapsed"))
+                .where(jobs.c.status.in_(ACTIVE)).order_by(jobs.c.created_at)
+            ).all()
+        for job_id, old_owner, attempt, lapsed in candidates:
+            if job_id in exclude:
+                continue
+            if not (old_owner is None or lapsed or (old_owner != owner and _owner_is_dead(old_owner))):
+                continue
+            same_holder = jobs.c.owner.is_(None) if old_owner is None else jobs.c.owner == old_owner
+            with self._write() as conn:
+                row = conn.execute(
+                    update(jobs)
+                    .where(jobs.c.job_id == job_id, jobs.c.attempt == attempt, same_holder,
+                           jobs.c.status.in_(ACTIVE))
+                    .values(owner=owner, lease_until=db_now() + self.lease_s, attempt=attempt + 1,
+                            status=Status.processing.value, progress=_at_least(jobs.c.progress, 5), updated_at=utc_now_iso())
+                    .returning(*jobs.c)
+                ).one_or_none()
+            if row is not None:
+                return Job.from_row(row)
+        return None
 
-    def renew_leases(self, owner: str) -> int:
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE jobs SET lease_until = ? WHERE owner = ? AND status = ?",
-                (time.time() + self.lease_s, owner, Status.processing.value),
-            )
-            return cur.rowcount
+    def renew_leases(self, owner: str) -> dict[str, int]:
+        """Extend every lease `owner` holds; returns {job_id: attempt} of the jobs it still holds."""
+        with self._write() as conn:
+            rows = conn.execute(
+                update(jobs).where(jobs.c.owner == owner, jobs.c.status == Status.processing.value)
+                .values(lease_until=db_now() + self.lease_s).returning(jobs.c.job_id, jobs.c.attempt)
+            ).all()
+        return {job_id: attempt for job_id, attempt in rows}
 
-    def advance(self, job_id: str, owner: str, stage: Stage, progress: int, **fields: str | None) -> bool:
-        """Move a running job forward. Never backwards: a stage or progress below the stored one is ignored."""
-        assignments = "".join(f", {name} = ?" for name in fields)
-        with self._lock:
-            cur = self._db.execute(
-                f"UPDATE jobs SET stage = ?, progress = max(progress, ?), updated_at = ?{assignments}"
-                " WHERE job_id = ? AND owner = ? AND status = ?",
-                (stage.value, progress, utc_now_iso(), *fields.values(), job_id, owner, Status.processing.value),
-            )
-            return cur.rowcount == 1
+    def advance(self, lease: Lease, stage: Stage, progress: int, **fields: str | None) -> None:
+        """Move a running job forward: `stage` is the stored one or a later one, and progress never decreases (a
+        lower value keeps the stored one). Raises LeaseLost when `lease` no longer holds, ValueError when `stage`
+        lies behind the stored stage."""
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs).where(_fenced(lease), jobs.c.stage.in_(stages_up_to(stage)))
+                .values(stage=stage.value, progress=_at_least(jobs.c.progress, progress), updated_at=utc_now_iso(),
+                        **fields)
+            ).rowcount
+            if done == 1:
+                return
+            current = conn.execute(select(jobs.c.stage).where(_fenced(lease))).scalar_one_or_none()
+        if current is None:
+            raise LeaseLost(lease.job_id)
+        raise ValueError(f"job {lease.job_id} would move back from {current} to {stage.value}")
 
-    def finish(self, job_id: str, owner: str) -> bool:
-        return self._end(job_id, owner, Status.complete, Stage.complete, 100, None)
+    def finish(self, lease: Lease) -> None:
+        self._end(lease, Status.complete, Stage.complete, 100, None)
 
-    def fail(self, job_id: str, owner: str, error: str) -> bool:
-        return self._end(job_id, owner, Status.error, Stage.error, 0, error)
+    def fail(self, lease: Lease, error: str) -> None:
+        self._end(lease, Status.error, Stage.error, 0, error)
 
-    def _end(self, job_id: str, owner: str, status: Status, stage: Stage, progress: int, error: str | None) -> bool:
-        with self._lock:
-            cur = self._db.execute(
-                "UPDATE jobs SET status = ?, stage = ?, progress = ?, error = ?, owner = NULL, lease_until = NULL,"
-                " updated_at = ? WHERE job_id = ? AND owner = ? AND status = ?",
-                (status.value, stage.value, progress, error, utc_now_iso(), job_id, owner, Status.processing.value),
-            )
-            return cur.rowcount == 1
+    def _end(self, lease: Lease, status: Status, stage: Stage, progress: int, error: str | None) -> None:
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs).where(_fenced(lease))
+                .values(status=status.value, stage=stage.value, progress=progress, error=error, owner=None,
+                        lease_until=None, updated_at=utc_now_iso())
+            ).rowcount
+        if done != 1:
+            raise LeaseLost(lease.job_id)
 
     # -- reads ----------------------------------------------------------------------------------------------
 
     def get(self, job_id: str) -> Job | None:
-        with self._lock:
-            row = self._db.execute(_GET, (job_id,)).fetchone()
-        return _row_to_job(row) if row else None
+        with self._read() as conn:
+            row = conn.execute(self._get, {"job_id": job_id}).one_or_none()
+        return Job.from_row(row) if row is not None else None
+
+    def holds(self, lease: Lease) -> bool:
+        """Whether `lease` still holds: checked before a stage publishes a file."""
+        with self._read() as conn:
+            return conn.execute(select(jobs.c.job_id).where(_fenced(lease))).first() is not None
 
     def count_active(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT count(*) FROM jobs WHERE status IN (?, ?)", ACTIVE).fetchone()[0]
+        with self._read() as conn:
+            return conn.execute(select(func.count()).select_from(jobs).where(jobs.c.status.in_(ACTIVE))).scalar_one()

@@ -1,8 +1,16 @@
 """Runs jobs through their stages.
 
-One dispatcher per process claims jobs from the store (atomically, with a lease) and runs each in its own task.
-Stage concurrency is bounded per stage. Each stage reads the previous stage's file and writes its own atomically
-before the job's row moves forward, so after a crash a job resumes at the first stage whose file is missing.
+One dispatcher per process claims jobs from the store (a compare-and-set with a lease and an attempt number) and
+runs each in its own task. Stage concurrency is bounded per stage. Each stage reads the previous stage's file and
+writes its own atomically before the job's row moves forward, so after a crash a job resumes at the first stage
+whose file is missing.
+
+Leases hold: every store write names the job's lease (owner and attempt), and a write under a lease that was
+taken over changes nothing and raises `LeaseLost`. The lease loop notices a lost lease too (its renewal no longer
+returns the job) and cancels that job's task, so a process that stalled past its lease stops working on the job
+instead of racing the new owner; a stage also checks the lease right before it publishes a file.
+
+Store calls are blocking, so they run in a thread: the event loop serves requests meanwhile.
 """
 
 from __future__ import annotations
@@ -12,10 +20,11 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, nullcontext
+from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
-from pipeline.jobs import Job, JobStore, Stage, process_owner_id
+from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
 from pipeline.stages import ModelState, Stages
 from pipeline.storage import Asset, AssetStore, publish, temp_path_for
 
@@ -56,7 +65,8 @@ class Orchestrator:
         self._retries = retries
         self._retry_backoff_s = retry_backoff_s
         self._model_wait_s = model_wait_s
-        self._running: dict[str, asyncio.Task[None]] = {}
+        self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
+        self._lost: set[str] = set()  # jobs cancelled here because another owner took them over
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -70,7 +80,7 @@ class Orchestrator:
 
     async def stop(self) -> None:
         """Stop taking jobs and cancel the running ones; their leases lapse and they resume after a restart."""
-        tasks = [*self._loops, *self._running.values()]
+        tasks = [*self._loops, *(task for _, task in self._running.values())]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -80,61 +90,94 @@ class Orchestrator:
         """A job was submitted: claim it now rather than at the next poll."""
         self._wake.set()
 
+    async def _db(self, method: Callable[..., T], *args, **kwargs) -> T:
+        return await asyncio.to_thread(partial(method, *args, **kwargs))
+
     # -- dispatch -------------------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
         while True:
             while len(self._running) < self._max_running:
-                job = await asyncio.to_thread(self.store.claim, self.owner, exclude=set(self._running))
+                job = await self._db(self.store.claim, self.owner, exclude=set(self._running))
                 if job is None:
                     break
-                task = asyncio.create_task(self._run(job), name=f"job-{job.job_id}")
-                self._running[job.job_id] = task
-                task.add_done_callback(lambda _t, jid=job.job_id: self._running.pop(jid, None))
+                lease = Lease(job.job_id, self.owner, job.attempt)
+                task = asyncio.create_task(self._run(job, lease), name=f"job-{job.job_id}")
+                self._running[job.job_id] = (lease, task)
+                task.add_done_callback(lambda _t, jid=job.job_id: self._forget(jid))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_s)
             except TimeoutError:
                 pass
 
+    def _forget(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        self._lost.discard(job_id)
+
     async def _lease_loop(self) -> None:
         while True:
             await asyncio.sleep(self.store.lease_s / 3)
             if self._running:
-                await asyncio.to_thread(self.store.renew_leases, self.owner)
+                held = await self._db(self.store.renew_leases, self.owner)
+                self._stop_lost(held)
+
+    def _stop_lost(self, held: dict[str, int]) -> None:
+        """Cancel the jobs whose lease this owner no longer holds (taken over while this process stalled)."""
+        for job_id, (lease, task) in list(self._running.items()):
+            if held.get(job_id) != lease.attempt and not task.done():
+                log.warning("job %s: lease of attempt %d lost to another owner; its work here stops", job_id,
+                            lease.attempt)
+                self._lost.add(job_id)
+                task.cancel(msg="lease lost")
 
     # -- one job --------------------------------------------------------------------------------------------
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
-        log.info("job %s claimed (status=%s stage=%s)", jid, job.status.value, job.stage.value)
+        log.info("job %s claimed, attempt %d (status=%s stage=%s)", jid, lease.attempt, job.status.value,
+                 job.stage.value)
         self.assets.remove_temporaries(jid)
         stage = Stage.initializing
         try:
             stage = Stage.generating_image
             if not (self.assets.has(jid, Asset.image) and self.assets.has(jid, Asset.input)):
-                await self._timed(job, stage, 10, 30, lambda: self._image_stage(job), self._image_slots)
+                await self._timed(job, lease, stage, 10, 30, lambda: self._image_stage(job, lease),
+                                  self._image_slots)
             stage = Stage.generating_3d
             if not self.assets.has(jid, Asset.glb):
-                await self._timed(job, stage, 40, 70, lambda: self._reconstruct_stage(job), self._reconstruct_slots)
+                await self._timed(job, lease, stage, 40, 70, lambda: self._reconstruct_stage(job, lease),
+                                  self._reconstruct_slots)
             stage = Stage.converting_usdz
             if not self.assets.has(jid, Asset.usdz):
-                await self._timed(job, stage, 80, 95, lambda: self._convert_stage(job))
-            self.store.finish(jid, self.owner)
+                await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
+            await self._db(self.store.finish, lease)
             log.info("job %s complete", jid)
         except asyncio.CancelledError:
-            log.info("job %s interrupted in %s; it resumes after a restart", jid, stage.value)
+            if jid not in self._lost:  # a lost lease was logged where it was found
+                log.info("job %s interrupted in %s; it resumes after a restart", jid, stage.value)
             raise
+        except LeaseLost:
+            log.warning("job %s: lease of attempt %d lost to another owner in %s; its work here stops", jid,
+                        lease.attempt, stage.value)
         except StageError as exc:
-            self.store.fail(jid, self.owner, exc.message)
+            await self._fail(lease, exc.message)
             log.warning("job %s failed in %s: %s", jid, stage.value, exc.message)
         except Exception:
             log.exception("job %s failed in %s with an unexpected error", jid, stage.value)
-            self.store.fail(jid, self.owner, UNEXPECTED.get(stage, "The job failed: an internal error occurred."))
+            await self._fail(lease, UNEXPECTED.get(stage, "The job failed: an internal error occurred."))
+
+    async def _fail(self, lease: Lease, message: str) -> None:
+        try:
+            await self._db(self.store.fail, lease, message)
+        except LeaseLost:
+            log.warning("job %s: lease lost before its failure could be recorded; the new owner decides",
+                        lease.job_id)
 
     async def _timed(
         self,
         job: Job,
+        lease: Lease,
         stage: Stage,
         start_progress: int,
         end_progress: int,
@@ -142,15 +185,15 @@ class Orchestrator:
         slots: AbstractAsyncContextManager | None = None,
     ) -> None:
         async with slots or nullcontext():
-            self.store.advance(job.job_id, self.owner, stage, start_progress)
+            await self._db(self.store.advance, lease, stage, start_progress)
             log.info("job %s stage %s started", job.job_id, stage.value)
             began = time.monotonic()
             await self._with_retries(work, job, stage)
-            self.store.advance(job.job_id, self.owner, stage, end_progress)
+            await self._db(self.store.advance, lease, stage, end_progress)
             log.info("job %s stage %s done in %.2f s", job.job_id, stage.value, time.monotonic() - began)
 
     async def _with_retries(self, work: Callable[[], Awaitable[T]], job: Job, stage: Stage) -> T:
-        """Retry a stage that failed for a passing reason (overload, rate limit), then give up with its sentence."""
+        """Retry a stage that failed for a passing reason (a broken connection), then give up with its sentence."""
         for attempt in range(self._retries + 1):
             try:
                 return await work()
@@ -163,23 +206,30 @@ class Orchestrator:
                 await asyncio.sleep(delay)
         raise AssertionError("unreachable")
 
-    async def _image_stage(self, job: Job) -> None:
+    async def _publish(self, lease: Lease, asset: Asset, data: bytes) -> None:
+        """Write a job's file, if this owner still holds the job: a stale owner never overwrites the new one's."""
+        if not await self._db(self.store.holds, lease):
+            raise LeaseLost(lease.job_id)
+        await asyncio.to_thread(self.assets.write, lease.job_id, asset, data)
+
+    async def _image_stage(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
         if self.assets.has(jid, Asset.image):  # made before a restart
             jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
         else:
             jpeg = await self.stages.image.generate_image(job.prompt)
-            await asyncio.to_thread(self.assets.write, jid, Asset.image, jpeg)
-            self.store.advance(jid, self.owner, Stage.generating_image, 20)
+            await self._publish(lease, Asset.image, jpeg)
+            await self._db(self.store.advance, lease, Stage.generating_image, 20)
         png = await self.stages.prepare.prepare_image(jpeg)
-        await asyncio.to_thread(self.assets.write, jid, Asset.input, png)
+        await self._publish(lease, Asset.input, png)
 
-    async def _reconstruct_stage(self, job: Job) -> None:
+    async def _reconstruct_stage(self, job: Job, lease: Lease) -> None:
         await self._wait_for_model()
         png = await asyncio.to_thread(self.assets.read, job.job_id, Asset.input)
         result = await self.stages.reconstruct.reconstruct(png)
-        await asyncio.to_thread(self.assets.write, job.job_id, Asset.glb, result.glb)
-        self.store.advance(job.job_id, self.owner, Stage.generating_3d, 70, model_version=result.model_version)
+        await self._publish(lease, Asset.glb, result.glb)
+        # The version comes with the mesh, from the batch that made it.
+        await self._db(self.store.advance, lease, Stage.generating_3d, 70, model_version=result.model_version)
 
     async def _wait_for_model(self) -> None:
         """Jobs accepted while the model loads wait for it here."""
@@ -192,11 +242,13 @@ class Orchestrator:
                                  f"({status.detail or status.state.value}).")
             await asyncio.sleep(self._model_wait_s)
 
-    async def _convert_stage(self, job: Job) -> None:
+    async def _convert_stage(self, job: Job, lease: Lease) -> None:
         target = self.assets.path(job.job_id, Asset.usdz)
         tmp = temp_path_for(target)
         try:
             await self.stages.convert.convert(self.assets.path(job.job_id, Asset.glb), tmp)
+            if not await self._db(self.store.holds, lease):
+                raise LeaseLost(job.job_id)
             await asyncio.to_thread(publish, tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

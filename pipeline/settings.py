@@ -6,9 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipeline.db import sqlite_url
 from pipeline.xai import DEFAULT_PROMPT_TEMPLATE, validate_prompt_template
 
 class Settings(BaseSettings):
@@ -44,8 +45,10 @@ class Settings(BaseSettings):
     convert_timeout_s: float = Field(300.0, alias="GROK3D_CONVERT_TIMEOUT_S", gt=0)
     bake_size: int = Field(1024, alias="GROK3D_BAKE_SIZE", ge=0)  # 0: keep vertex colours, no texture
 
-    # Advanced: "module:function" returning a pipeline.stages.Stages; for tests and custom backends.
+    # For tests only: "module:function" returning a pipeline.stages.Stages that replaces every real stage. Refused
+    # unless GROK3D_ALLOW_TEST_STAGES=1 too, so that an inherited variable can never serve stand-ins by accident.
     stages_factory: str | None = Field(None, alias="GROK3D_STAGES")
+    allow_test_stages: bool = Field(False, alias="GROK3D_ALLOW_TEST_STAGES")
 
     @field_validator("prompt_template")
     @classmethod
@@ -63,6 +66,20 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_key_is_none(cls, value: str | None) -> str | None:
         return value.strip() or None if value is not None else None
+
+    @model_validator(mode="after")
+    def _test_stages_need_consent(self) -> Settings:
+        if self.stages_factory and not self.allow_test_stages:
+            raise ValueError(
+                f"GROK3D_STAGES={self.stages_factory} replaces every real stage (xAI, TripoSR, Blender) with test "
+                "stand-ins, and is refused in a deployment: unset it, or set GROK3D_ALLOW_TEST_STAGES=1 where test "
+                "stages are meant (the test suite)")
+        return self
+
+    @property
+    def store_url(self) -> str:
+        """The job store's SQLAlchemy URL: the SQLite file in the data folder."""
+        return sqlite_url(self.db_path)
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -1,25 +1,43 @@
-"""The job store and the orchestrator in-process, on real SQLite files: claims, leases, retries, resumption."""
+"""The job store and the orchestrator in-process, on real SQLite files: claims, fenced leases, migrations, retries,
+resumption."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import multiprocessing
 import os
+import shutil
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pipeline import schemas
+from pipeline.db import SEED_REVISION, current_revision, jobs, sqlite_url
 from pipeline.errors import StageError
-from pipeline.jobs import JobStore, QueueFull, Stage, Status
+from pipeline.jobs import Job, JobStore, Lease, LeaseLost, QueueFull, Stage, Status
 from pipeline.orchestrator import Orchestrator
 from pipeline.stages import ModelState, ModelStatus, Reconstruction, Stages
 from pipeline.storage import Asset, AssetStore
 from tests.stages import BoxReconstructor, CopyPrepare, SleepyImage, ZipConverter
 
 
+DATA = Path(__file__).parent / "data"
+
+
+def open_store(path: Path, **kwargs) -> JobStore:
+    return JobStore(sqlite_url(path), **kwargs)
+
+
+def lease_of(job: Job) -> Lease:
+    return Lease(job.job_id, job.owner, job.attempt)
+
+
 def _claim_all(db: str, owner: str, out: multiprocessing.Queue) -> None:
-    store = JobStore(Path(db))
+    store = open_store(Path(db))
     got = []
     while (job := store.claim(owner)) is not None:
         got.append(job.job_id)
@@ -27,7 +45,7 @@ def _claim_all(db: str, owner: str, out: multiprocessing.Queue) -> None:
 
 
 def test_two_processes_never_claim_the_same_job(tmp_path):
-    store = JobStore(tmp_path / "grok3d.db")
+    store = open_store(tmp_path / "grok3d.db")
     ids = {store.create(f"p{i}", queue_max=1000).job_id for i in range(200)}
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -42,41 +60,99 @@ def test_two_processes_never_claim_the_same_job(tmp_path):
 
 
 def test_lease_expiry_and_dead_owner_free_a_job(tmp_path):
-    store = JobStore(tmp_path / "grok3d.db", lease_s=0.3)
+    store = open_store(tmp_path / "grok3d.db", lease_s=0.3)
     job = store.create("x", queue_max=10)
     assert store.claim("other-host:1").job_id == job.job_id
     assert store.claim("me-host:2") is None  # leased
     time.sleep(0.4)
     assert store.claim("me-host:2").job_id == job.job_id  # the lease lapsed
 
-    store2 = JobStore(tmp_path / "b.db", lease_s=600)
+    store2 = open_store(tmp_path / "b.db", lease_s=600)
     job2 = store2.create("y", queue_max=10)
     import socket
     dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
     dead.start()
     dead.join()
-    assert store2.claim(f"{socket.gethostname()}:{dead.pid}").job_id == job2.job_id
+    assert store2.claim(f"{socket.gethostname()}:{dead.pid}:0a0a0a0a").job_id == job2.job_id
     # Its owner (a pid on this host) is gone: the job is free at once, long before the lease ends.
-    assert store2.claim(f"{socket.gethostname()}:{os.getpid()}").job_id == job2.job_id
+    assert store2.claim(f"{socket.gethostname()}:{os.getpid()}:0b0b0b0b").job_id == job2.job_id
 
 
 def test_queue_bound_and_monotonic_progress(tmp_path):
-    store = JobStore(tmp_path / "grok3d.db")
+    store = open_store(tmp_path / "grok3d.db")
     for _ in range(2):
         store.create("x", queue_max=2)
     with pytest.raises(QueueFull):
         store.create("x", queue_max=2)
     job = store.claim("h:1")
-    assert store.advance(job.job_id, "h:1", Stage.generating_3d, 40)
-    assert store.advance(job.job_id, "h:1", Stage.generating_3d, 10)  # a lower progress is ignored
+    lease = lease_of(job)
+    store.advance(lease, Stage.generating_3d, 40)
+    store.advance(lease, Stage.generating_3d, 10)  # a lower progress is ignored
     assert store.get(job.job_id).progress == 40
-    assert not store.advance(job.job_id, "h:2", Stage.converting_usdz, 80)  # not the owner
-    assert store.finish(job.job_id, "h:1")
+    with pytest.raises(LeaseLost):
+        store.advance(Lease(job.job_id, "h:2", lease.attempt), Stage.converting_usdz, 80)  # not the owner
+    with pytest.raises(ValueError, match="move back"):  # stages never move back: enforced, not just said
+        store.advance(lease, Stage.generating_image, 20)
+    assert store.get(job.job_id).stage is Stage.generating_3d
+    store.finish(lease)
+    with pytest.raises(LeaseLost):  # a finished job takes no more writes
+        store.advance(lease, Stage.converting_usdz, 80)
     assert store.create("x", queue_max=2)  # a finished job frees its place
 
 
+def test_a_taken_over_lease_fences_every_write_of_the_old_owner(tmp_path):
+    store = open_store(tmp_path / "grok3d.db", lease_s=0.2)
+    job = store.create("x", queue_max=10)
+    first = lease_of(store.claim("a:1:x"))
+    time.sleep(0.3)
+    second = lease_of(store.claim("b:2:y"))
+    assert second.attempt == first.attempt + 1
+    for write in (lambda: store.advance(first, Stage.generating_image, 10), lambda: store.finish(first),
+                  lambda: store.fail(first, "late")):
+        with pytest.raises(LeaseLost):
+            write()
+    assert not store.holds(first) and store.holds(second)
+    assert store.renew_leases("a:1:x") == {}
+    assert store.renew_leases("b:2:y") == {job.job_id: second.attempt}
+    store.finish(second)
+    assert store.get(job.job_id).status is Status.complete
+
+
+def test_the_job_is_written_down_once():
+    """The table is the definition: Job is its row field for field, and the status object is made of Job's
+    fields (with the same names)."""
+    assert [f.name for f in dataclasses.fields(Job)] == list(jobs.c.keys())
+    assert set(schemas.JobStatus.model_fields) <= set(jobs.c.keys())
+
+
+def test_a_data_folder_made_by_the_seed_is_migrated_in_place(tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "seed-store", data)
+    before = sqlite3.connect(data / "grok3d.db").execute(
+        "SELECT job_id, prompt, status, stage, progress, created_at, error, model_version FROM jobs ORDER BY job_id"
+    ).fetchall()
+    assert len(before) == 4
+    store = open_store(data / "grok3d.db", lease_s=5)
+    assert current_revision(store.engine) is not None and current_revision(store.engine) != SEED_REVISION
+    after = [(j.job_id, j.prompt, j.status.value, j.stage.value, j.progress, j.created_at, j.error, j.model_version)
+             for j in (store.get(row[0]) for row in before)]
+    assert after == before
+    assert store.get("ba5f0513").model_version == "triposr:0123456789ab"
+    # The seed's running and queued jobs resume: their old leases lapsed long ago.
+    claimed = {store.claim("me:1:a").job_id for _ in range(3)}
+    assert claimed == {"edabddfa", "db142e3f", "d80ec564"}
+    store.close()
+    reopened = open_store(data / "grok3d.db")  # a second open finds nothing to migrate
+    assert reopened.get("edabddfa").attempt == 1
+    reopened.close()
+
+
+BROKEN = ("The 3D model could not be generated: the connection to the TripoSR service failed, please try again "
+          "later.")
+
+
 class Flaky:
-    """Fails `failures` times with a retryable error (like an overloaded TripoSR service), then works."""
+    """Fails `failures` times with a retryable error (a broken connection to the TripoSR service), then works."""
 
     def __init__(self, failures: int) -> None:
         self.failures = failures
@@ -88,13 +164,12 @@ class Flaky:
     async def reconstruct(self, image_png: bytes) -> Reconstruction:
         self.calls += 1
         if self.calls <= self.failures:
-            raise StageError("The 3D model could not be generated: the TripoSR service is overloaded, please try "
-                             "again later.", retryable=True)
+            raise StageError(BROKEN, retryable=True)
         return await BoxReconstructor().reconstruct(image_png)
 
 
 async def _run_one(tmp_path: Path, reconstructor, prompt: str = "cube") -> tuple[JobStore, str]:
-    store = JobStore(tmp_path / "grok3d.db")
+    store = open_store(tmp_path / "grok3d.db")
     assets = AssetStore(tmp_path / "jobs")
     orch = Orchestrator(store, assets, Stages(SleepyImage(), CopyPrepare(), reconstructor, ZipConverter()),
                         retries=2, retry_backoff_s=0.01, poll_s=0.05)
@@ -110,20 +185,19 @@ async def _run_one(tmp_path: Path, reconstructor, prompt: str = "cube") -> tuple
     return store, job.job_id
 
 
-async def test_overload_is_retried_then_succeeds(tmp_path):
+async def test_a_passing_failure_is_retried_then_succeeds(tmp_path):
     flaky = Flaky(failures=2)
     store, job_id = await _run_one(tmp_path, flaky)
     assert store.get(job_id).status is Status.complete
     assert flaky.calls == 3
 
 
-async def test_persistent_overload_becomes_a_clear_job_error(tmp_path):
+async def test_a_lasting_failure_becomes_a_clear_job_error(tmp_path):
     flaky = Flaky(failures=100)
     store, job_id = await _run_one(tmp_path, flaky)
     job = store.get(job_id)
     assert job.status is Status.error and job.stage is Stage.error and job.progress == 0
-    assert job.error == ("The 3D model could not be generated: the TripoSR service is overloaded, please try again "
-                         "later.")
+    assert job.error == BROKEN
     assert flaky.calls == 3  # the first try and two retries
     assert AssetStore(tmp_path / "jobs").has(job_id, Asset.image)  # the image it made is kept
 
@@ -136,3 +210,82 @@ async def test_a_failed_model_fails_the_job_with_its_reason(tmp_path):
     store, job_id = await _run_one(tmp_path, Broken(0))
     assert store.get(job_id).error == ("The 3D model could not be generated: the TripoSR model is not loaded "
                                        "(model.ckpt: corrupt).")
+
+
+class MarkedImage:
+    """Draws a picture that says which orchestrator made it; the first call of a stalling one blocks its whole
+    event loop (a stalled process: no lease renewals either) until `release` is set."""
+
+    def __init__(self, mark: int, release: threading.Event | None = None) -> None:
+        self.mark, self.release, self.calls = mark, release, 0
+
+    async def generate_image(self, prompt: str) -> bytes:
+        self.calls += 1
+        if self.release is not None:
+            self.release.wait(60)
+        from PIL import Image
+        import io
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (self.mark, 0, 0)).save(buf, "JPEG", quality=100)
+        return buf.getvalue()
+
+
+class CountingBox(BoxReconstructor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+        self.calls += 1
+        return await super().reconstruct(image_png)
+
+
+async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(tmp_path, caplog):
+    """Two orchestrators on one SQLite file. The first stalls in its image stage past the lease; the second takes
+    the job over and completes it; when the first wakes, its writes are refused and it stops that job's work."""
+    db, jobs_dir = tmp_path / "grok3d.db", tmp_path / "jobs"
+    release = threading.Event()
+    first_image, first_model = MarkedImage(10, release), CountingBox()
+    second_image, second_model = MarkedImage(250), CountingBox()
+    store_a, store_b = open_store(db, lease_s=0.6), open_store(db, lease_s=0.6)
+    job = store_b.create("cube", queue_max=10)
+
+    loop_a = asyncio.new_event_loop()
+    thread_a = threading.Thread(target=loop_a.run_forever, daemon=True)
+    thread_a.start()
+    orch_a = Orchestrator(store_a, AssetStore(jobs_dir), Stages(first_image, CopyPrepare(), first_model,
+                                                                ZipConverter()), poll_s=0.05)
+    asyncio.run_coroutine_threadsafe(orch_a.start(), loop_a).result(10)
+    for _ in range(200):  # the first one claims it and stalls in the image stage
+        if first_image.calls:
+            break
+        await asyncio.sleep(0.02)
+    assert store_b.get(job.job_id).attempt == 1
+
+    orch_b = Orchestrator(store_b, AssetStore(jobs_dir), Stages(second_image, CopyPrepare(), second_model,
+                                                                ZipConverter()), poll_s=0.05)
+    await orch_b.start()
+    try:
+        for _ in range(500):
+            if store_b.get(job.job_id).status is Status.complete:
+                break
+            await asyncio.sleep(0.02)
+        done = store_b.get(job.job_id)
+        assert done.status is Status.complete and done.attempt == 2
+        release.set()  # the first one wakes up and tries to carry on
+        for _ in range(200):
+            if "lease of attempt 1 lost" in caplog.text:
+                break
+            await asyncio.sleep(0.02)
+        assert "lease of attempt 1 lost" in caplog.text
+        await asyncio.sleep(0.3)
+        assert store_b.get(job.job_id) == done  # nothing the first one did changed the row
+    finally:
+        await orch_b.stop()
+        asyncio.run_coroutine_threadsafe(orch_a.stop(), loop_a).result(10)
+        loop_a.call_soon_threadsafe(loop_a.stop)
+        thread_a.join(10)
+    from PIL import Image
+    image = Image.open(AssetStore(jobs_dir).path(job.job_id, Asset.image)).convert("RGB")
+    assert image.getpixel((16, 16))[0] > 200  # the second one's picture, not the first one's
+    assert first_model.calls == 0 and second_model.calls == 1  # the job completed exactly once
