@@ -4,18 +4,20 @@ TripoSR service. Nothing else lives here: the pipeline knows nothing of BentoML.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Callable
 
 import _bentoml_impl.server as _bentoml_server  # where BentoML keeps its UI page
 import bentoml
 from starlette.exceptions import HTTPException
+from starlette.responses import PlainTextResponse
 
 import bentoml_fixes
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
-from pipeline.web import mount_bentoml_ui
 from pipeline.settings import get_settings
 from pipeline.stages import ModelState
+from pipeline.web import mount_bentoml_ui
 from runners.triposr.client import TripoSRStage
 from runners.triposr.service import TripoSRService
 
@@ -23,9 +25,15 @@ setup_logging()
 settings = get_settings()
 # Cheaper middlewares for the hot path (see bentoml_fixes.py). Every worker of both services imports this module.
 bentoml_fixes.install()
+
+
+def _triposr_stage(_settings: Any) -> TripoSRStage:
+    return TripoSRStage(bentoml.get_current_service().triposr, max_batch_size=settings.triposr_max_batch_size,
+                        max_latency_s=settings.triposr_max_latency_ms / 1000)
+
+
 # BentoML serves Swagger UI's files at /static_content: our /api/docs uses them, so the docs work offline.
-app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings,
-                 swagger_assets_url="/static_content")
+app = create_app(lambda s: default_stages(s, _triposr_stage(s)), settings, swagger_assets_url="/static_content")
 # Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content).
 mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html")
 
@@ -36,27 +44,68 @@ mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html
 POLL_PATHS = ["/api/status/"]
 
 
-@bentoml.service(
-    name="grok3d",
-    workers=1,
-    traffic={"timeout": 60},
-    http={"port": settings.port},
-    logging={"access": {"enabled": True, "skip_paths": POLL_PATHS}},
-    tracing={"excluded_urls": POLL_PATHS},
-)
-@bentoml.asgi_app(app, path="/")
-class Grok3D:
-    triposr = bentoml.depends(TripoSRService)
+class ReadyzNote:
+    """Adds a line to a 200 from /readyz (BentoML's own answer is a bare newline and its route cannot be replaced:
+    `bentoml/_internal/server/base_app.py` fixes the path), so a probe's log shows what the server is running
+    with: today, that test stages stand in for the real ones."""
 
-    async def __is_ready__(self) -> bool:
-        """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
-        503 with the reason (raising gives /readyz that body instead of BentoML's generic one)."""
-        runtime = getattr(app.state, "runtime", None)
-        if runtime is None:
-            raise HTTPException(503, "grok3d is starting")
-        status = await runtime.stages.reconstruct.status()
-        if status.state is ModelState.loading:
-            raise HTTPException(503, "The TripoSR model is still loading")
-        if status.state is ModelState.failed:
-            raise HTTPException(503, f"The TripoSR model could not be loaded: {status.detail}")
-        return True
+    def __init__(self, app: Callable, note: str) -> None:
+        self.app = app
+        self.body = f"{note}\n".encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] != "/readyz":
+            await self.app(scope, receive, send)
+            return
+        started: dict = {}
+
+        async def noted(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                started.update(message)
+                if message["status"] != 200:
+                    await send(message)
+                return
+            if started.get("status") != 200:
+                await send(message)
+            elif not message.get("more_body", False):
+                await PlainTextResponse(self.body)(scope, receive, send)
+
+        await self.app(scope, receive, noted)
+
+
+def api_service(triposr_service: type) -> type:
+    """The API service, depending on `triposr_service` (the real TripoSR service; tests pass a stand-in with the
+    same API to put slow or failing batches behind real BentoML batching)."""
+
+    @bentoml.service(
+        name="grok3d",
+        workers=1,
+        traffic={"timeout": 60},
+        http={"port": settings.port},
+        logging={"access": {"enabled": True, "skip_paths": POLL_PATHS}},
+        tracing={"excluded_urls": POLL_PATHS},
+    )
+    @bentoml.asgi_app(app, path="/")
+    class Grok3D:
+        triposr = bentoml.depends(triposr_service)
+
+        async def __is_ready__(self) -> bool:
+            """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
+            503 with the reason (raising gives /readyz that body instead of BentoML's generic one). The model's
+            state comes from the TripoSR client's watch: no round trip here."""
+            runtime = getattr(app.state, "runtime", None)
+            if runtime is None:
+                raise HTTPException(503, "grok3d is starting")
+            status = await runtime.stages.reconstruct.status()
+            if status.state is ModelState.loading:
+                raise HTTPException(503, "The TripoSR model is still loading")
+            if status.state is ModelState.failed:
+                raise HTTPException(503, f"The TripoSR model could not be loaded: {status.detail}")
+            return True
+
+    if settings.stages_factory:
+        Grok3D.add_asgi_middleware(ReadyzNote, note=f"ready, with test stages: GROK3D_STAGES={settings.stages_factory}")
+    return Grok3D
+
+
+Grok3D = api_service(TripoSRService)

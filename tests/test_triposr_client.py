@@ -1,5 +1,7 @@
-"""runners.triposr.client.TripoSRStage's own time limit on status calls. A real TripoSR service that accepts the
-call and then never answers cannot be had on demand, so a stand-in proxy that never answers plays it here."""
+"""runners.triposr.client.TripoSRStage in process: its own time limit on status calls, the watch that answers
+status() without a round trip, and the window's arithmetic. A real TripoSR service that accepts a call and then
+never answers cannot be had on demand, so a stand-in proxy that never answers plays it here; the window against
+real BentoML batching is tested in tests/test_triposr_service.py."""
 
 from __future__ import annotations
 
@@ -17,13 +19,44 @@ class NeverAnswers:
         return {}
 
 
-async def test_a_status_call_that_hangs_reads_as_loading(monkeypatch):
+async def test_a_status_call_that_hangs_reads_as_loading_and_status_never_waits(monkeypatch):
     monkeypatch.setattr(client, "STATUS_TIMEOUT_S", 0.2)
-    stage = client.TripoSRStage(SimpleNamespace(to_async=NeverAnswers()))
+    stage = client.TripoSRStage(SimpleNamespace(to_async=NeverAnswers()), max_batch_size=4, max_latency_s=10)
     began = time.monotonic()
-    status = await stage.status()
-    assert status.state is ModelState.loading and "not answering" in status.detail
+    await stage.start()
     assert time.monotonic() - began < 2
+    try:
+        began = time.monotonic()
+        status = await stage.status()
+        assert time.monotonic() - began < 0.05  # answered from the watch, no round trip
+        assert status.state is ModelState.loading and "not answering" in status.detail
+    finally:
+        await stage.aclose()
+
+
+async def test_the_window_grows_by_one_on_quick_answers_and_halves_on_slow_ones():
+    window = client.Window(most=8)
+    assert window.size == 1
+    for expected in (2, 3, 4):
+        await window.acquire()
+        await window.release(fast=True)
+        assert window.size == expected
+    await window.acquire()
+    await window.release(fast=False)
+    assert window.size == 2
+    for _ in range(20):
+        await window.acquire()
+        await window.release(fast=True)
+    assert window.size == 8  # never past two full batches
+
+    narrow = client.Window(most=8)  # one place: a second picture waits for the first answer
+    await narrow.acquire()
+    waiting = asyncio.create_task(narrow.acquire())
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    await narrow.release(fast=True)
+    await asyncio.wait_for(waiting, 1)
+    assert narrow.in_flight == 1
 
 
 def test_the_api_service_does_not_load_torch():

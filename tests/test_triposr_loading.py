@@ -236,7 +236,7 @@ def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
 
     from runners.triposr.inference import reconstruct_encoded
     from runners.triposr.loading import random_model
-    from runners.triposr.wire import UNREADABLE
+    from runners.triposr.wire import Failure
 
     model = random_model("tiny", seed=0)
     pixels = np.full((64, 64, 3), 128, np.uint8)
@@ -248,5 +248,5 @@ def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
     alone = reconstruct_encoded(model, [good], **knobs)
     mixed = reconstruct_encoded(model, [b"not a picture", good, good[:40]], **knobs)
     assert alone[0][:4] == b"glTF"
-    assert mixed == [UNREADABLE, alone[0], UNREADABLE]
-    assert reconstruct_encoded(model, [b"junk"], **knobs) == [UNREADABLE]
+    assert mixed == [Failure.unreadable_picture, alone[0], Failure.unreadable_picture]
+    assert reconstruct_encoded(model, [b"junk"], **knobs) == [Failure.unreadable_picture]

@@ -15,7 +15,7 @@ from PIL import Image as PILImage
 from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
 from runners.triposr.mesh import to_delivery_glb
 from runners.triposr.precision import number_format, resolve as resolve_precision
-from runners.triposr.wire import UNREADABLE
+from runners.triposr.wire import Failure
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -44,8 +44,9 @@ def load_model(source: str, device: str | None = None) -> tuple[TripoSR, str]:
 
 @torch.no_grad()
 def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution: int, threshold: float,
-                      size_m: float, precision: str = "fp32") -> list[bytes]:
-    """One forward pass and one batched density grid for the whole batch; b"" where no surface was found.
+                      size_m: float, precision: str = "fp32") -> list[bytes | Failure]:
+    """One forward pass and one batched density grid for the whole batch: a GLB per picture, or
+    Failure.no_surface where none was found.
 
     precision: TRIPOSR_PRECISION (runners/triposr/precision.py)."""
     plan = resolve_precision(precision, model.device)
@@ -53,12 +54,13 @@ def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution
         codes = model(pictures)
     with number_format(plan.grid, model.device):
         meshes = model.extract_mesh(codes, resolution=resolution, threshold=threshold)
-    return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else b"" for mesh in meshes]
+    return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else Failure.no_surface for mesh in meshes]
 
 
 def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int, threshold: float,
-                        size_m: float, precision: str = "fp32") -> list[bytes]:
-    """Encoded pictures (PNG, JPEG) -> GLBs, like reconstruct_batch; UNREADABLE where a picture does not decode."""
+                        size_m: float, precision: str = "fp32") -> list[bytes | Failure]:
+    """Encoded pictures (PNG, JPEG) -> GLBs, like reconstruct_batch; Failure.unreadable_picture where a picture
+    does not decode."""
     pictures: list[Image.Image | None] = []
     for data in images:
         try:
@@ -68,4 +70,4 @@ def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int,
     readable = [p for p in pictures if p is not None]
     glbs = iter(reconstruct_batch(model, readable, resolution=resolution, threshold=threshold, size_m=size_m,
                                   precision=precision) if readable else [])
-    return [next(glbs) if p is not None else UNREADABLE for p in pictures]
+    return [next(glbs) if p is not None else Failure.unreadable_picture for p in pictures]

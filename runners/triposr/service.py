@@ -1,7 +1,9 @@
-"""The TripoSR service: images in, GLB bytes out, with BentoML's adaptive batching.
+"""The TripoSR service: images in, typed answers out (a GLB or a failure, and the model version that made it),
+with BentoML's adaptive batching.
 
-A batch runs as one forward pass and one batched density grid. The model loads once per worker, in a background
-thread started with the worker, so the service answers `status` (and the API its /readyz) while it loads.
+A batch runs as one forward pass and one batched density grid, in BentoML's thread pool (a sync API). The model
+loads once per worker, in a background thread started with the worker. `status` is async: it runs on the worker's
+event loop, which neither the load nor a batch holds, so it answers at once while either runs.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import bentoml
 
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
-from runners.triposr.wire import is_store_tag
+from runners.triposr.wire import Picture, ReconstructAnswer, is_store_tag
 
 log = logging.getLogger("grok3d.triposr")
 setup_logging()
@@ -35,16 +37,19 @@ def _packed_model() -> bentoml.models.BentoModel | None:
     return bentoml.models.BentoModel(_SOURCE)
 
 
+# Callers' connection to this service. BentoML 1.4.40 replaces it every 100 requests (its default) by closing
+# the old session under the requests still in flight, which then fail with "Server disconnected": over a unix
+# socket there is nothing to gain from replacing it, so it lives for a day.
+RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 86400.0}
+
+
 @bentoml.service(
     name="triposr",
     resources={"gpu": 1},
     workers=1,
     # A request waits for its batch's forward pass: never time out before the batching latency budget.
     traffic={"timeout": max(600, settings.triposr_max_latency_ms / 1000 * 2)},
-    # Callers' connection to this service. BentoML 1.4.40 replaces it every 100 requests (its default) by closing
-    # the old session under the requests still in flight, which then fail with "Server disconnected": over a
-    # unix socket there is nothing to gain from replacing it, so it lives for a day.
-    runner_connection={"max_requests": 2**31 - 1, "max_age": 86400.0},
+    runner_connection=RUNNER_CONNECTION,
 )
 class TripoSRService:
     checkpoint = _packed_model()
@@ -85,8 +90,9 @@ class TripoSRService:
         return self._loaded.is_set()
 
     @bentoml.api
-    def status(self) -> dict:
-        """{"state": loading|ready|missing|failed, "version": tag or null, "detail": why not ready}"""
+    async def status(self) -> dict:
+        """{"state": loading|ready|missing|failed, "version": tag or null, "detail": why not ready}. Async on
+        purpose: a sync API would queue in the same thread pool as a running batch and answer only after it."""
         return {"state": self.state, "version": self.version, "detail": self.detail}
 
     @bentoml.api(
@@ -94,16 +100,18 @@ class TripoSRService:
         max_batch_size=settings.triposr_max_batch_size,
         max_latency_ms=settings.triposr_max_latency_ms,
     )
-    def reconstruct(self, images: list[bytes]) -> list[bytes]:
-        """PNG/JPEG bytes of framed pictures -> GLB bytes in API.md's delivery frame, item by item
-        (b"" = no surface found, wire.UNREADABLE = the picture did not decode)."""
+    def reconstruct(self, images: list[Picture]) -> list[ReconstructAnswer]:
+        """PNG/JPEG bytes of framed pictures -> one answer per picture: its GLB in API.md's delivery frame, or why
+        there is none; each names the model version that ran this batch."""
         if self.state != "ready":
             raise bentoml.exceptions.ServiceUnavailable(f"TripoSR model is {self.state}: {self.detail}")
         from runners.triposr.inference import reconstruct_encoded
 
         began = time.monotonic()
-        glbs = reconstruct_encoded(self.model, images, resolution=settings.triposr_mc_resolution,
-                                   threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m,
-                                   precision=settings.triposr_precision)
+        model, version = self.model, self.version  # one batch, one model: read both once
+        results = reconstruct_encoded(model, [p.data for p in images], resolution=settings.triposr_mc_resolution,
+                                      threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m,
+                                      precision=settings.triposr_precision)
         log.info("TripoSR batch of %d in %.2f s", len(images), time.monotonic() - began)
-        return glbs
+        return [ReconstructAnswer(glb=r, model_version=version) if isinstance(r, bytes)
+                else ReconstructAnswer(failure=r, model_version=version) for r in results]

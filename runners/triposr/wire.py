@@ -1,16 +1,58 @@
-"""What the TripoSR service and its callers agree on, beyond GLB bytes. Kept free of torch, so the API service
-can import it without loading the model's libraries."""
+"""What the TripoSR service and its callers agree on: the model source's form and the typed reconstruct answer.
+Kept free of torch, so the API service can import it without loading the model's libraries."""
 
+from __future__ import annotations
+
+import base64
 import re
+from enum import Enum
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, PlainSerializer, model_validator
 
 _STORE_TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*(:[A-Za-z0-9_.-]+)?")
-
-# The answer, within a batch, for a picture that did not decode: a batch answers item by item, so one bad picture
-# must not fail the others. An empty answer (b"") means the picture decoded but no surface was found.
-UNREADABLE = b"unreadable picture"
 
 
 def is_store_tag(source: str) -> bool:
     """A TRIPOSR_MODEL value naming the BentoML model store (`triposr:abc123`, `triposr`), not an existing folder."""
     return not Path(source).is_dir() and _STORE_TAG.fullmatch(source) is not None
+
+
+def _from_base64(value: object) -> object:
+    return base64.b64decode(value, validate=True) if isinstance(value, str) else value
+
+
+# Bytes that cross BentoML's transports: as they are where BentoML pickles (between its own processes), as base64
+# (RFC 4648 §4) where it speaks JSON (HTTP from elsewhere), since JSON has no bytes.
+WireBytes = Annotated[bytes, BeforeValidator(_from_base64),
+                      PlainSerializer(lambda data: base64.b64encode(data).decode("ascii"), return_type=str,
+                                      when_used="json")]
+
+
+class Picture(BaseModel):
+    """One framed picture for the model: PNG or JPEG bytes (a batch item of `reconstruct`)."""
+
+    data: WireBytes
+
+
+class Failure(str, Enum):
+    """Why one picture of a batch gave no mesh. A batch answers item by item: one bad picture fails alone."""
+
+    unreadable_picture = "unreadable_picture"  # the bytes did not decode as an image
+    no_surface = "no_surface"  # the density field never crossed the threshold: nothing to mesh
+
+
+class ReconstructAnswer(BaseModel):
+    """The answer for one picture: exactly one of `glb` (binary glTF in API.md's delivery frame) and `failure`,
+    and the version of the model that ran the batch (a BentoML tag, or `folder:<name>@<sha-12>`)."""
+
+    glb: WireBytes | None = None
+    failure: Failure | None = None
+    model_version: str
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ReconstructAnswer:
+        if (self.glb is None) == (self.failure is None):
+            raise ValueError("a reconstruct answer has either a glb or a failure")
+        return self
