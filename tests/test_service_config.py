@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import httpx
+import pytest
 
 from tests.server import Server, wait_job
 from tests.test_api import STAGES, assert_error
@@ -85,3 +86,21 @@ def test_a_job_survives_kill_9_mid_stage_and_resumes_from_its_last_finished_stag
     # The image stage had finished before the kill: only the interrupted 3D stage ran again.
     assert calls.read_text().split() == ["image", "3d", "3d"]
     assert not list((tmp_path / "jobs" / job_id).glob(".*.tmp*"))
+
+
+def test_test_stages_are_refused_without_consent_and_announced_with_it(tmp_path):
+    """GROK3D_STAGES replaces every real stage: an inherited variable alone must not start a server that serves
+    stand-ins; with GROK3D_ALLOW_TEST_STAGES=1 the log warns and /readyz's body says so."""
+    for name in ("refused", "allowed"):
+        (tmp_path / name).mkdir()
+    refused = Server(tmp_path / "refused", {**STAGES, "GROK3D_ALLOW_TEST_STAGES": "0"})
+    with pytest.raises(RuntimeError, match="server exited"):
+        refused.start(timeout_s=60)
+    assert "GROK3D_STAGES=tests.stages:sleepy replaces every real stage" in refused.log()
+    refused.stop()
+
+    with Server(tmp_path / "allowed", STAGES) as srv:
+        srv.wait_for("/readyz", timeout_s=60)
+        ready = httpx.get(srv.url + "/readyz")
+        assert "GROK3D_STAGES=tests.stages:sleepy" in ready.text
+        assert "[WARNING] [grok3d.backends] TEST STAGES ACTIVE" in srv.log()
