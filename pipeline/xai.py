@@ -1,9 +1,10 @@
 """The Grok image client: `POST {base_url}/images/generations` over httpx.
 
 It wraps the user's words in a prompt template that asks for a picture TripoSR can lift into 3D, retries what
-may pass later (429, 5xx, connection errors) with exponential backoff, jitter and `Retry-After`, caps how many
-calls run at once, and returns JPEG bytes. Every failure leaves as a `StageError` with one sentence for the user.
-Configuration comes from the caller (pipeline/settings.py); this module reads no environment.
+may pass later (429, 5xx, connection errors) by the policy of pipeline/retry.py (exponential backoff with jitter,
+`Retry-After` honoured), caps how many calls run at once, and returns JPEG bytes. Every failure leaves as a
+`StageError` with one sentence for the user. Configuration comes from the caller (pipeline/settings.py); this
+module reads no environment.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import binascii
 import email.utils
 import io
 import logging
-import random
 import time
 from typing import Any, Literal
 
@@ -22,6 +22,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import StageError
+from pipeline.retry import RetryPolicy
 
 log = logging.getLogger("grok3d.xai")
 
@@ -52,10 +53,10 @@ def render_prompt(template: str, prompt: str) -> str:
 class _Retry(Exception):
     """One attempt failed in a way that may pass; carries the sentence to show if it never does."""
 
-    def __init__(self, final: StageError, wait_s: float | None = None) -> None:
+    def __init__(self, final: StageError, retry_after_s: float | None = None) -> None:
         super().__init__(final.message)
         self.final = final
-        self.wait_s = wait_s  # the server's Retry-After, when it sent one
+        self.retry_after_s = retry_after_s  # the server's Retry-After, which the retry policy honours
 
 
 class XaiImageClient:
@@ -86,9 +87,8 @@ class XaiImageClient:
         self.max_retries = max_retries
         self.prompt_template = validate_prompt_template(prompt_template)
         self.response_format = response_format
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.max_retry_after_s = max_retry_after_s
+        self.retry_policy = RetryPolicy(max_retries=max_retries, backoff_base_s=backoff_base_s,
+                                        backoff_cap_s=backoff_cap_s, max_retry_after_s=max_retry_after_s)
         self._url = base_url.rstrip("/") + "/images/generations"
         self._auth = {"Authorization": f"Bearer {api_key}"}
         # One semaphore bounds whole generate_image calls (retries and waits included), so at most
@@ -119,25 +119,12 @@ class XaiImageClient:
 
     # ---- retries ---------------------------------------------------------------------------------
     async def _with_retries(self, body: dict[str, Any]) -> bytes:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await self._attempt(body)
-            except _Retry as retry:
-                if attempt == self.max_retries:
-                    # Our retries are spent: the orchestrator must not start another round of them.
-                    raise StageError(retry.final.message) from None
-                wait = self._wait_s(attempt, retry.wait_s)
-                log.warning("xAI attempt %d failed (%s); retrying in %.2f s", attempt + 1, retry.final.message, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # the loop either returns or raises
-
-    def _wait_s(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            # The server knows when it will take us again; never wait less, and bound an absurd answer.
-            return min(retry_after_s, self.max_retry_after_s)
-        # Exponential backoff with "equal jitter": half fixed, half random, so clients spread out.
-        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        try:
+            return await self.retry_policy.run(lambda: self._attempt(body), retry_on=_is_retry,
+                                               on_retry=_log_retry)
+        except _Retry as retry:
+            # Our retries are spent: the orchestrator must not start another round of them.
+            raise StageError(retry.final.message) from None
 
     async def _attempt(self, body: dict[str, Any]) -> bytes:
         try:
@@ -213,6 +200,14 @@ class XaiImageClient:
         if response.status_code != 200:
             raise StageError(f"xAI's image could not be downloaded (HTTP {response.status_code}).")
         return response.content
+
+
+def _is_retry(exc: BaseException) -> bool:
+    return isinstance(exc, _Retry)
+
+
+def _log_retry(exc: BaseException, retry: int, wait_s: float) -> None:
+    log.warning("xAI attempt %d failed (%s); retrying in %.2f s", retry, exc, wait_s)
 
 
 def decode_b64_image(value: str) -> bytes:
