@@ -15,6 +15,7 @@ import binascii
 import email.utils
 import io
 import logging
+import re
 import time
 from typing import Any, Literal
 
@@ -210,13 +211,32 @@ def _log_retry(exc: BaseException, retry: int, wait_s: float) -> None:
     log.warning("xAI attempt %d failed (%s); retrying in %.2f s", retry, exc, wait_s)
 
 
+# `data:image/<subtype>[;parameter=value]...;base64,` (RFC 2397; scheme and media type are case-insensitive).
+_IMAGE_DATA_URI = re.compile(r"data:image/[a-z0-9!#$&^_.+-]+(?:;[^,;]+)*?;base64,", re.IGNORECASE)
+_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
+NOT_BASE64 = "xAI's answer was not an image: its b64_json was not valid base64."
+
+
 def decode_b64_image(value: str) -> bytes:
-    """Bytes from xAI's `b64_json`, which arrives as a data URI (`data:image/jpeg;base64,...`) or plain base64."""
-    payload = value.split("base64,", 1)[1] if value.startswith("data:") and "base64," in value else value
+    """Bytes from xAI's `b64_json` as providers really send it: plain base64 or a data URI of any image type
+    (`data:image/jpeg;base64,...`, which xAI's own SDK strips), wrapped over lines (MIME's 76 columns), with or
+    without its `=` padding. Anything else (another alphabet, stray characters, a data URI that is not an image or
+    not base64) is refused with one sentence."""
+    text = value.strip()
+    prefix = _IMAGE_DATA_URI.match(text)
+    if prefix is not None:
+        text = text[prefix.end():]
+    elif text[:5].lower() == "data:":
+        raise StageError(NOT_BASE64)
+    text = text.translate(_WHITESPACE)
+    body = text.rstrip("=")
+    # Padding only completes the last group of 4: at most two `=`, and 4n+1 characters cannot be base64.
+    if len(text) - len(body) > 2 or len(body) % 4 == 1:
+        raise StageError(NOT_BASE64)
     try:
-        return base64.b64decode(payload.strip(), validate=True)
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise StageError("xAI's answer was not an image: its b64_json was not valid base64.") from None
+        raise StageError(NOT_BASE64) from None
 
 
 def to_jpeg(data: bytes) -> bytes:
