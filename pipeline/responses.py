@@ -5,6 +5,7 @@
 - Range requests (§14): which ranges to send is decided here, the bytes are sent by Starlette's FileResponse (one
   part, or multipart/byteranges for several). A range unit other than `bytes` is ignored (the whole file, 200);
   an invalid or unsatisfiable byte range answers 416 with `Content-Range: bytes */LENGTH`; never 400.
+- HEAD: the same status and headers as GET, and no body; the file is not read (pipeline/head.py routes HEAD here).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pathlib import Path
 from fastapi import Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.types import Receive, Scope, Send
+
+from pipeline.head import is_head
 
 # More ranges than this in one request are ignored and the whole file is sent (§14.2: a server MAY ignore Range);
 # no client of ours asks for more, and many small ranges are a known way to make a server work for nothing.
@@ -103,7 +106,8 @@ def _if_range_holds(header: str, etag: str, last_modified: str, mtime: float) ->
 
 class _DecidedFileResponse(FileResponse):
     """Starlette's FileResponse, sending what this module decided: the request's Range and If-Range are replaced
-    by the chosen ranges (or removed, for the whole file)."""
+    by the chosen ranges (or removed, for the whole file), and a HEAD routed as GET is a HEAD again, so the file
+    is not read."""
 
     def __init__(self, *args: object, ranges: list[ByteRange] | None, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
@@ -114,7 +118,8 @@ class _DecidedFileResponse(FileResponse):
         if self._ranges:
             spec = ",".join(f"{first}-{last}" for first, last in self._ranges)
             headers.append((b"range", f"bytes={spec}".encode("latin-1")))
-        await super().__call__({**scope, "headers": headers}, receive, send)
+        method = "HEAD" if is_head(scope) else scope["method"]
+        await super().__call__({**scope, "headers": headers, "method": method}, receive, send)
 
 
 def file_response(request: Request, path: Path, media_type: str, *, filename: str | None = None,

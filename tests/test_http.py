@@ -1,9 +1,10 @@
-"""HTTP semantics of the file routes against the real `bentoml serve` (issue 12): Range requests (RFC 9110 §14)
-with If-Range (§13.1.5), and If-None-Match (§13.1.2)."""
+"""HTTP semantics of the file routes against the real `bentoml serve` (issue 12): HEAD on every GET route
+(RFC 9110 §9.3.2), Range requests (§14) with If-Range (§13.1.5), and If-None-Match (§13.1.2)."""
 
 from __future__ import annotations
 
 import email.utils
+import socket
 import time
 import time
 from collections.abc import Iterator
@@ -14,11 +15,14 @@ import pytest
 from tests.server import Server, wait_job
 
 EXAMPLE = "ex_mars-habitat"
+# Headers that differ between any two answers, whatever the method.
+VOLATILE = {"date", "server", "x-bentoml-request-id", "traceparent", "content-type-boundary"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
+    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key",
+           "GROK3D_CORS_ORIGINS": "http://allowed.example"}
     with Server(tmp_path_factory.mktemp("http"), env) as srv:
         yield srv
 
@@ -43,6 +47,64 @@ def glb(client: httpx.Client, job_id: str) -> tuple[str, bytes, httpx.Headers]:
     full = client.get(url)
     assert full.status_code == 200 and len(full.content) > 40
     return url, full.content, full.headers
+
+
+def raw_head(server: Server, path: str, headers: str = "") -> tuple[str, bytes]:
+    """A HEAD written on a socket, read to the end: the status line and headers, and every byte after them."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(f"HEAD {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n{headers}\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), rest
+
+
+def stable(headers: httpx.Headers) -> dict[str, str]:
+    return {name: value for name, value in headers.items() if name not in VOLATILE}
+
+
+# -- HEAD ------------------------------------------------------------------------------------------------------
+
+def get_routes(job_id: str) -> list[str]:
+    return [
+        "/", "/static/app.js", "/static/style.css", "/bentoml", "/api/docs", "/api/openapi.json", "/api/examples",
+        f"/api/status/{job_id}", f"/api/status/{EXAMPLE}", "/api/status/ffffffff",
+        f"/api/asset/{job_id}?asset_type=image", f"/api/asset/{job_id}?asset_type=glb",
+        f"/api/asset/{job_id}?asset_type=usdz", f"/api/asset/{EXAMPLE}?asset_type=usdz",
+        f"/api/asset/{job_id}", "/api/asset/ffffffff?asset_type=glb", "/api/nope", "/api/generate",
+    ]
+
+
+def test_every_get_route_answers_head_with_the_same_status_and_headers(client: httpx.Client, job_id: str) -> None:
+    for path in get_routes(job_id):
+        get, head = client.get(path), client.head(path)
+        assert head.status_code == get.status_code, path
+        assert stable(head.headers) == stable(get.headers), path
+        assert head.content == b""
+
+
+@pytest.mark.parametrize("asset_type", ["glb", "usdz"])
+def test_head_sends_no_body_on_the_wire(server: Server, client: httpx.Client, job_id: str, asset_type: str) -> None:
+    path = f"/api/asset/{job_id}?asset_type={asset_type}"
+    size = len(client.get(path).content)
+    head, rest = raw_head(server, path)
+    assert head.startswith("HTTP/1.1 200 ")
+    assert f"content-length: {size}" in head.lower()  # the GET's length (§9.3.2), with no content after it
+    assert rest == b""
+    head, rest = raw_head(server, path, "Range: bytes=0-9\r\n")
+    assert head.startswith("HTTP/1.1 206 ") and "content-range: bytes 0-9/" in head.lower() and rest == b""
+    head, rest = raw_head(server, "/api/asset/ffffffff?asset_type=glb")
+    assert head.startswith("HTTP/1.1 404 ") and rest == b""
+
+
+def test_head_with_conditions_and_cors(client: httpx.Client, glb: tuple[str, bytes, httpx.Headers]) -> None:
+    url, _, headers = glb
+    assert client.head(url, headers={"If-None-Match": headers["etag"]}).status_code == 304
+    r = client.head(url, headers={"Origin": "http://allowed.example"})
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://allowed.example"
+    r = client.options(url, headers={"Origin": "http://allowed.example", "Access-Control-Request-Method": "HEAD"})
+    assert r.status_code == 200
 
 
 # -- Range -----------------------------------------------------------------------------------------------------
