@@ -16,15 +16,15 @@ The rules, the same for every caller:
   jitter", half fixed so waits still grow, half random so clients that failed together do not return together.
 - An exception with a `retry_after_s` attribute that is not None (a server's `Retry-After`, RFC 9110 §10.2.3, in
   seconds) waits exactly that long instead, never less, bounded by `max_retry_after_s` against an absurd answer.
-- Only exceptions for which `retry_on` is true are retried; any other leaves at once. When the retries are spent
-  the last exception leaves as it was raised (tenacity's `reraise`), so callers keep their own error types.
+- Only exceptions for which `retry_on` is true are retried; any other leaves at once, and so do cancellation and
+  interrupts whatever `retry_on` says. When the retries are spent the last exception leaves as it was raised
+  (tenacity's `reraise`), so callers keep their own error types.
 
 This module knows nothing of HTTP or jobs: callers decide what is retryable and what to log.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -37,8 +37,6 @@ RetryOn = Callable[[BaseException], bool]
 # Called before each wait: the exception that failed the attempt, the number of the retry to come (1, 2, ...), and
 # the seconds it will wait.
 OnRetry = Callable[[BaseException, int, float], None]
-
-log = logging.getLogger("grok3d.retry")
 
 
 def retry_after_of(exc: BaseException | None) -> float | None:
@@ -92,7 +90,8 @@ class RetryPolicy:
         return AsyncRetrying(
             stop=stop_after_attempt(self.max_retries + 1),
             wait=self.wait_strategy(),
-            retry=retry_if_exception(retry_on),
+            # Cancellation and interrupts (BaseException, not Exception) always leave at once, whatever retry_on says.
+            retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and retry_on(exc)),
             before_sleep=_before_sleep(on_retry) if on_retry is not None else None,
             reraise=True,
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -102,6 +103,23 @@ async def test_retry_after_is_waited_exactly_and_bounded() -> None:
     assert [w for _, _, w in seen][:2] == [0.2, 0.3]  # as asked; an absurd answer bounded
     assert seen[2][2] <= 0.001  # no Retry-After: the backoff again
     assert time.monotonic() - started >= 0.5
+
+
+async def test_cancellation_leaves_at_once() -> None:
+    """A job cancelled at shutdown must stop, not be retried (CancelledError is not retryable)."""
+    calls = 0
+
+    async def slow() -> None:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(10)
+
+    task = asyncio.create_task(RetryPolicy(max_retries=5, backoff_base_s=0.001).run(slow, lambda exc: True))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert calls == 1
 
 
 async def test_as_an_async_iterator() -> None:
