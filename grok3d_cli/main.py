@@ -27,11 +27,20 @@ def default_server() -> str:
     return os.environ.get("GROK3D_SERVER") or DEFAULT_SERVER
 
 
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--server", default=default_server(), metavar="URL",
+def add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+    """The options every sub-command takes, accepted before the sub-command too (`grok3d --server URL generate`)."""
+    parser.add_argument("--server", default=default, metavar="URL",
                         help="the grok3d service (default: $GROK3D_SERVER, else %s)" % DEFAULT_SERVER)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok3d", description="Turn a text prompt into a 3D model with grok3d.")
+    add_common_options(parser, default_server())
+    # A sub-command's own default would overwrite a value given before the sub-command (argparse applies the
+    # sub-parser's defaults last), so there the options have none: given after the sub-command they win, as the
+    # nearer one; not given at all, the main parser's default stands.
+    common = argparse.ArgumentParser(add_help=False)
+    add_common_options(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", parents=[common], help="make a 3D model from a prompt",

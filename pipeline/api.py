@@ -24,6 +24,7 @@ from starlette.routing import Match, Route
 
 from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
+from pipeline.head import serve_head
 from pipeline.jobs import Job, JobStore, QueueFull, Status, Stage
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response
@@ -86,9 +87,10 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None, 
                   openapi_url="/api/openapi.json")
     if swagger_assets_url:
         _install_local_docs(app, swagger_assets_url)
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "POST"],
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "HEAD", "POST"],
                        allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
                                                             "Content-Range", "Accept-Ranges"])
+    serve_head(app)  # every GET route answers HEAD; its middleware is the outermost
     _install_error_handlers(app)
     _install_routes(app)
     _document_no_422(app)

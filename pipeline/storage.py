@@ -1,12 +1,12 @@
 """Where a job's files live, and how they are written: ids are validated before any path is built, and every
-file is written to a temporary name and renamed into place, so nothing half-written is ever served."""
+file is written to a temporary name and renamed into place, so nothing half-written is ever served. Published
+files get the permissions the umask gives, as any file a program creates."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
-import tempfile
 from enum import Enum
 from pathlib import Path
 
@@ -45,9 +45,10 @@ def is_example_id(value: str) -> bool:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers see either nothing or the whole file, even after a crash."""
+    """Write `data` to `path` so that readers see either nothing or the whole file, even after a crash. The file
+    gets the permissions any new file gets (0666 less the umask), not a temporary file's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -55,8 +56,21 @@ def write_atomic(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _create_temp(path: Path) -> tuple[int, Path]:
+    """A new temporary sibling of `path`, open for writing. Not tempfile.mkstemp: its mode 0600, meant for shared
+    folders such as /tmp, would stay with the file through the rename, and a web server or another user could not
+    read what we publish. Here the kernel applies the umask to 0666, as for any file a program creates."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name beside {path}")
 
 
 def temp_path_for(path: Path) -> Path:
@@ -67,9 +81,32 @@ def temp_path_for(path: Path) -> Path:
 
 
 def publish(tmp: Path, path: Path) -> None:
+    """Move a producer's finished file into place, durably, with the permissions the umask gives (0644 under the
+    usual 022), whatever mode the producer created it with."""
     with open(tmp, "rb") as f:
+        os.fchmod(f.fileno(), new_file_mode())
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def new_file_mode() -> int:
+    """0666 less the process's umask: the mode open() gives a new file."""
+    return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The umask, read without changing it where Linux shows it (/proc/self/status, since Linux 4.7). Elsewhere it
+    is set and put back at once, which another thread creating a file at that instant could notice."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class AssetStore:

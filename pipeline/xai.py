@@ -1,9 +1,10 @@
 """The Grok image client: `POST {base_url}/images/generations` over httpx.
 
 It wraps the user's words in a prompt template that asks for a picture TripoSR can lift into 3D, retries what
-may pass later (429, 5xx, connection errors) with exponential backoff, jitter and `Retry-After`, caps how many
-calls run at once, and returns JPEG bytes. Every failure leaves as a `StageError` with one sentence for the user.
-Configuration comes from the caller (pipeline/settings.py); this module reads no environment.
+may pass later (429, 5xx, connection errors) by the policy of pipeline/retry.py (exponential backoff with jitter,
+`Retry-After` honoured), caps how many calls run at once, and returns JPEG bytes. Every failure leaves as a
+`StageError` with one sentence for the user. Configuration comes from the caller (pipeline/settings.py); this
+module reads no environment.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import binascii
 import email.utils
 import io
 import logging
-import random
+import re
 import time
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import StageError
+from pipeline.retry import RetryPolicy
 
 log = logging.getLogger("grok3d.xai")
 
@@ -52,10 +54,10 @@ def render_prompt(template: str, prompt: str) -> str:
 class _Retry(Exception):
     """One attempt failed in a way that may pass; carries the sentence to show if it never does."""
 
-    def __init__(self, final: StageError, wait_s: float | None = None) -> None:
+    def __init__(self, final: StageError, retry_after_s: float | None = None) -> None:
         super().__init__(final.message)
         self.final = final
-        self.wait_s = wait_s  # the server's Retry-After, when it sent one
+        self.retry_after_s = retry_after_s  # the server's Retry-After, which the retry policy honours
 
 
 class XaiImageClient:
@@ -86,9 +88,8 @@ class XaiImageClient:
         self.max_retries = max_retries
         self.prompt_template = validate_prompt_template(prompt_template)
         self.response_format = response_format
-        self.backoff_base_s = backoff_base_s
-        self.backoff_cap_s = backoff_cap_s
-        self.max_retry_after_s = max_retry_after_s
+        self.retry_policy = RetryPolicy(max_retries=max_retries, backoff_base_s=backoff_base_s,
+                                        backoff_cap_s=backoff_cap_s, max_retry_after_s=max_retry_after_s)
         self._url = base_url.rstrip("/") + "/images/generations"
         self._auth = {"Authorization": f"Bearer {api_key}"}
         # One semaphore bounds whole generate_image calls (retries and waits included), so at most
@@ -119,25 +120,12 @@ class XaiImageClient:
 
     # ---- retries ---------------------------------------------------------------------------------
     async def _with_retries(self, body: dict[str, Any]) -> bytes:
-        for attempt in range(self.max_retries + 1):
-            try:
-                return await self._attempt(body)
-            except _Retry as retry:
-                if attempt == self.max_retries:
-                    # Our retries are spent: the orchestrator must not start another round of them.
-                    raise StageError(retry.final.message) from None
-                wait = self._wait_s(attempt, retry.wait_s)
-                log.warning("xAI attempt %d failed (%s); retrying in %.2f s", attempt + 1, retry.final.message, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")  # the loop either returns or raises
-
-    def _wait_s(self, attempt: int, retry_after_s: float | None) -> float:
-        if retry_after_s is not None:
-            # The server knows when it will take us again; never wait less, and bound an absurd answer.
-            return min(retry_after_s, self.max_retry_after_s)
-        # Exponential backoff with "equal jitter": half fixed, half random, so clients spread out.
-        ceiling = min(self.backoff_cap_s, self.backoff_base_s * 2**attempt)
-        return ceiling / 2 + random.uniform(0, ceiling / 2)
+        try:
+            return await self.retry_policy.run(lambda: self._attempt(body), retry_on=_is_retry,
+                                               on_retry=_log_retry)
+        except _Retry as retry:
+            # Our retries are spent: the orchestrator must not start another round of them.
+            raise StageError(retry.final.message) from None
 
     async def _attempt(self, body: dict[str, Any]) -> bytes:
         try:
@@ -215,13 +203,40 @@ class XaiImageClient:
         return response.content
 
 
+def _is_retry(exc: BaseException) -> bool:
+    return isinstance(exc, _Retry)
+
+
+def _log_retry(exc: BaseException, retry: int, wait_s: float) -> None:
+    log.warning("xAI attempt %d failed (%s); retrying in %.2f s", retry, exc, wait_s)
+
+
+# `data:image/<subtype>[;parameter=value]...;base64,` (RFC 2397; scheme and media type are case-insensitive).
+_IMAGE_DATA_URI = re.compile(r"data:image/[a-z0-9!#$&^_.+-]+(?:;[^,;]+)*?;base64,", re.IGNORECASE)
+_WHITESPACE = str.maketrans("", "", " \t\r\n\f\v")
+NOT_BASE64 = "xAI's answer was not an image: its b64_json was not valid base64."
+
+
 def decode_b64_image(value: str) -> bytes:
-    """Bytes from xAI's `b64_json`, which arrives as a data URI (`data:image/jpeg;base64,...`) or plain base64."""
-    payload = value.split("base64,", 1)[1] if value.startswith("data:") and "base64," in value else value
+    """Bytes from xAI's `b64_json` as providers really send it: plain base64 or a data URI of any image type
+    (`data:image/jpeg;base64,...`, which xAI's own SDK strips), wrapped over lines (MIME's 76 columns), with or
+    without its `=` padding. Anything else (another alphabet, stray characters, a data URI that is not an image or
+    not base64) is refused with one sentence."""
+    text = value.strip()
+    prefix = _IMAGE_DATA_URI.match(text)
+    if prefix is not None:
+        text = text[prefix.end():]
+    elif text[:5].lower() == "data:":
+        raise StageError(NOT_BASE64)
+    text = text.translate(_WHITESPACE)
+    body = text.rstrip("=")
+    # Padding only completes the last group of 4: at most two `=`, and 4n+1 characters cannot be base64.
+    if len(text) - len(body) > 2 or len(body) % 4 == 1:
+        raise StageError(NOT_BASE64)
     try:
-        return base64.b64decode(payload.strip(), validate=True)
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
     except (binascii.Error, ValueError):
-        raise StageError("xAI's answer was not an image: its b64_json was not valid base64.") from None
+        raise StageError(NOT_BASE64) from None
 
 
 def to_jpeg(data: bytes) -> bytes:

@@ -102,6 +102,14 @@ def sleepy(settings: Settings, reconstructor: Reconstructor | None = None) -> St
     return Stages(image=image, prepare=CopyPrepare(), reconstruct=model, convert=ZipConverter())
 
 
+def real_image(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real xAI client (XAI_BASE_URL points at the fake xAI server) in the image stage; quick stages after it."""
+    from pipeline.backends import image_generator
+
+    return Stages(image=image_generator(settings), prepare=CopyPrepare(), reconstruct=BoxReconstructor(),
+                  convert=ZipConverter())
+
+
 def real_model(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
     """The real TripoSR service behind the 3D stage; quick test stages around it."""
     assert reconstructor is not None, "real_model needs the TripoSR service (service.py passes it)"

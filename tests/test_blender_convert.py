@@ -90,6 +90,9 @@ async def test_the_same_model_gives_the_same_bytes(pool: BlenderPool, work: Path
     assert files[0] == files[1]
     usdz_bytes, jpeg_bytes = files[0]
     assert b"Blender:" not in jpeg_bytes and jpeg_bytes[:3] == b"\xff\xd8\xff"
+    from PIL import Image
+
+    assert "comment" not in Image.open(io.BytesIO(jpeg_bytes)).info  # no COM segment at all
     with zipfile.ZipFile(io.BytesIO(usdz_bytes)) as archive:
         assert archive.testzip() is None
         for info in archive.infolist():

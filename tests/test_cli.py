@@ -124,6 +124,27 @@ def test_a_server_that_is_down_gives_one_line_and_exit_3(args, tmp_path):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith(f"grok3d: cannot reach the grok3d server at {url}")
 
 
+def test_common_options_go_before_the_sub_command_too(server, tmp_path):
+    """Issue 12: `grok3d --server URL generate ...` was refused ("invalid choice")."""
+    out = tmp_path / "models"
+    result = grok3d("--server", server.url, "generate", "a green teapot", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    assert [p.suffix for p in paths] == [".jpg", ".glb", ".usdz"] and all(p.is_file() for p in paths)
+    job_id = paths[0].stem
+    status = grok3d(f"--server={server.url}", "status", job_id)
+    assert status.returncode == 0 and f"job_id:        {job_id}" in status.stdout, status.stderr
+    examples = grok3d("--server", server.url, "examples", "--json")
+    assert examples.returncode == 0 and json.loads(examples.stdout)["examples"], examples.stderr
+
+
+def test_the_option_after_the_sub_command_wins(server):
+    dead = f"http://127.0.0.1:{free_port()}"
+    assert grok3d("--server", dead, "examples", "--server", server.url).returncode == 0
+    result = grok3d("--server", server.url, "examples", "--server", dead)
+    assert result.returncode == 3 and dead in result.stderr
+
+
 def test_the_default_server_is_localhost_8000():
     result = grok3d("examples")
     # Whether or not something listens there, the command must have tried localhost:8000.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import email.utils
 import io
 import socket
@@ -92,6 +93,13 @@ async def test_plain_base64_is_accepted(fake_xai: FakeXai, make_client: MakeClie
     assert _decoded_jpeg(await make_client().generate_image("a chair")).size == (256, 256)
 
 
+async def test_wrapped_data_uri_without_padding_is_accepted(fake_xai: FakeXai, make_client: MakeClient) -> None:
+    """Issue 12: a data URI whose base64 runs over several lines and lacks its padding, as answers arrive."""
+    fake_xai.configure(b64_style="wrapped", image_size=256)
+    jpeg = await make_client().generate_image("a chair")
+    assert _decoded_jpeg(jpeg).size == (256, 256)
+
+
 async def test_url_mode_downloads_without_the_key(fake_xai: FakeXai, make_client: MakeClient) -> None:
     fake_xai.configure(image_size=300)
     jpeg = await make_client(response_format="url").generate_image("a lamp")
@@ -159,8 +167,54 @@ async def test_answer_that_is_not_an_image(
     assert len(fake_xai.requests) == 1
 
 
-@pytest.mark.parametrize("b64", ["data:image/jpeg;base64,@@not base64@@", "", "aGVsbG8="])
-def test_bad_b64_payloads(b64: str) -> None:
+PAYLOAD = bytes(range(256)) * 3 + b"grok3d!!"  # 776 bytes: its base64 ends in one `=`
+
+
+def _wrap(text: str, width: int, newline: str) -> str:
+    return newline.join(text[i : i + width] for i in range(0, len(text), width))
+
+
+@pytest.mark.parametrize("payload", [PAYLOAD, PAYLOAD[:-1], PAYLOAD[:-2]], ids=["pad1", "pad2", "pad0"])
+@pytest.mark.parametrize("form", [
+    "{b64}",
+    "data:image/jpeg;base64,{b64}",
+    "data:image/png;base64,{b64}",
+    "data:image/webp;base64,{b64}",
+    "DATA:Image/JPEG;BASE64,{b64}",  # scheme and media type are case-insensitive
+    "data:image/jpeg;name=teapot.jpg;base64,{b64}",  # a media type parameter (RFC 2397)
+    "  data:image/jpeg;base64,{b64}\n",
+    "{b64_unpadded}",
+    "data:image/jpeg;base64,{b64_unpadded}",
+    "data:image/jpeg;base64,{b64_mime}",  # MIME lines of 76 characters, CRLF
+    "data:image/jpeg;base64,{b64_lf_unpadded}",
+    "{b64_spaced}",
+])
+def test_b64_as_providers_send_it(payload: bytes, form: str) -> None:
+    b64 = base64.b64encode(payload).decode()
+    text = form.format(b64=b64, b64_unpadded=b64.rstrip("="), b64_mime=_wrap(b64, 76, "\r\n"),
+                       b64_lf_unpadded=_wrap(b64.rstrip("="), 64, "\n"), b64_spaced=_wrap(b64, 4, " \t"))
+    assert decode_b64_image(text) == payload
+
+
+@pytest.mark.parametrize("b64", [
+    "data:image/jpeg;base64,@@not base64@@",
+    "aGVsbG8=x",  # data after the padding
+    "aGVsbG8===",  # more padding than a group can need
+    "aGVsb",  # 4n+1 characters: no bytes end that way
+    "aGVs-G8_",  # the URL-safe alphabet is another encoding
+    "data:text/html;base64,aGVsbG8=",  # not an image
+    "data:image/jpeg,aGVsbG8=",  # not base64 (a percent-encoded data URI)
+    "data:;base64,aGVsbG8=",
+    "aGVsbG8=ä",
+])
+def test_anything_else_is_not_base64(b64: str) -> None:
+    with pytest.raises(StageError) as caught:
+        decode_b64_image(b64)
+    assert caught.value.message == "xAI's answer was not an image: its b64_json was not valid base64."
+
+
+@pytest.mark.parametrize("b64", ["", "aGVsbG8=", "data:image/jpeg;base64,aGVsbG8"])
+def test_base64_that_is_not_a_picture(b64: str) -> None:
     with pytest.raises(StageError, match="not an image"):
         to_jpeg(decode_b64_image(b64))
 

@@ -10,16 +10,19 @@ from __future__ import annotations
 import io
 import math
 import struct
+import tempfile
 import zipfile
 from pathlib import Path
 
 import bpy
 import numpy as np
 from mathutils import Matrix, Vector
+from PIL import Image
 
 from converters.blender import texbake
 
 PREVIEW_SAMPLES = 16
+PREVIEW_JPEG_QUALITY = 90
 PREVIEW_BACKGROUND = (0.8, 0.8, 0.82)  # linear; with the Standard view transform this is sRGB (231, 231, 232)
 
 
@@ -212,37 +215,6 @@ def fix_zip_times(path: Path) -> None:
     path.write_bytes(data)
 
 
-_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RST0-7, SOI: no length follows
-
-
-def strip_jpeg_comments(path: Path) -> None:
-    """Drop a JPEG's comment segments, where Blender writes the date and the render time: the same model, the same
-    bytes. The segments before the scan are walked by their lengths; the scan and what follows are kept as is. A
-    file laid out otherwise than expected is left untouched."""
-    data = path.read_bytes()
-    out, at = bytearray(data[:2]), 2  # SOI
-    while True:
-        if at + 2 > len(data) or data[at] != 0xFF:
-            return  # not the JPEG this expects: leave it
-        if data[at + 1] == 0xFF:  # fill byte
-            at += 1
-            continue
-        marker = data[at + 1]
-        if marker == 0xDA:  # start of scan: the image data, to the end
-            break
-        if marker in _STANDALONE_MARKERS:
-            out += data[at : at + 2]
-            at += 2
-            continue
-        end = at + 2 + int.from_bytes(data[at + 2 : at + 4], "big")
-        if end > len(data):
-            return
-        if marker != 0xFE:  # COM
-            out += data[at:end]
-        at = end
-    path.write_bytes(bytes(out + data[at:]))
-
-
 def _ensure_empty() -> None:
     """Each request ends with a reset; reset again only if something (a crash in a hook) left data behind."""
     if any(scene_counts().values()):
@@ -325,7 +297,10 @@ def _light_scene() -> None:
 
 
 def render_preview(glb_path: Path, jpeg_path: Path, size: int, max_faces: int) -> dict[str, int]:
-    """A size x size JPEG of the model: Cycles on one CPU thread, few samples, camera and key light as above."""
+    """A size x size JPEG of the model: Cycles on one CPU thread, few samples, camera and key light as above.
+
+    Blender renders a PNG and Pillow encodes the JPEG from its pixels alone: Blender's own JPEG carries comments
+    with the date and the render time, and Pillow writes none, so the same model gives the same bytes."""
     _ensure_empty()
     try:
         obj = import_glb(glb_path, max_faces)
@@ -338,11 +313,14 @@ def render_preview(glb_path: Path, jpeg_path: Path, size: int, max_faces: int) -
         scene.render.resolution_y = size
         scene.render.resolution_percentage = 100
         scene.render.use_file_extension = False
-        scene.render.image_settings.file_format = "JPEG"
-        scene.render.image_settings.quality = 90
-        scene.render.filepath = str(jpeg_path)
-        bpy.ops.render.render(write_still=True)
-        strip_jpeg_comments(jpeg_path)
+        settings = scene.render.image_settings
+        settings.file_format, settings.color_mode, settings.color_depth, settings.compression = "PNG", "RGB", "8", 0
+        with tempfile.TemporaryDirectory(prefix="grok3d-preview-") as scratch:
+            png = Path(scratch) / "render.png"
+            scene.render.filepath = str(png)
+            bpy.ops.render.render(write_still=True)
+            with Image.open(png) as rendered:
+                rendered.convert("RGB").save(jpeg_path, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
         return {"faces": len(obj.data.polygons)}
     finally:
         reset_scene()

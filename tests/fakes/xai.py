@@ -3,6 +3,8 @@
 It checks requests the way `POST https://api.x.ai/v1/images/generations` does (bearer key, JSON content type,
 known model, a prompt) and answers with a JPEG of one object on a light background, drawn with Pillow and
 deterministic per prompt, either inline (`b64_json`, as a data URI like xAI) or as a URL it serves itself.
+`b64_style` chooses how the inline picture is written: "data_uri" (the default), "plain" base64, or "wrapped", as
+answers from the field arrive: a data URI whose base64 runs over MIME lines of 76 characters and lacks its padding.
 
 It can be told to misbehave — 401, a 400 moderation refusal, 429 with `Retry-After`, 500, slow answers, or an
 answer that is not an image — for the next N requests or always, through `FakeXai.fail(...)` or
@@ -40,6 +42,8 @@ DEFAULT_API_KEY = "test-key"
 FaultKind = Literal["unauthorized", "moderation", "rate_limit", "server_error", "slow", "not_image"]
 FAULT_KINDS: tuple[str, ...] = FaultKind.__args__  # type: ignore[attr-defined]
 MODERATION_MESSAGE = "Generated image rejected by content moderation."
+B64Style = Literal["data_uri", "plain", "wrapped"]
+B64_STYLES: tuple[str, ...] = B64Style.__args__  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -69,7 +73,7 @@ class _State:
     api_key: str
     image_size: int = 1024
     image_format: Literal["jpeg", "png"] = "jpeg"
-    b64_style: Literal["data_uri", "plain"] = "data_uri"  # xAI sends data URIs; plain base64 is accepted too
+    b64_style: B64Style = "data_uri"  # xAI sends data URIs; plain and wrapped base64 are accepted too
     faults: list[Fault] = field(default_factory=list)
     requests: list[RecordedRequest] = field(default_factory=list)
     files: dict[str, tuple[bytes, str]] = field(default_factory=dict)
@@ -107,6 +111,16 @@ def draw_object(prompt: str, size: int = 1024) -> Image.Image:
     light = tuple(min(255, c + 60) for c in colour)
     draw.ellipse([420 * s, 380 * s, 520 * s, 480 * s], fill=light)
     return image
+
+
+def _b64(data: bytes, mime: str, style: str) -> str:
+    encoded = base64.b64encode(data).decode()
+    if style == "plain":
+        return encoded
+    if style == "wrapped":  # MIME lines of 76 characters (RFC 2045 §6.8), CRLF between them, padding dropped
+        encoded = encoded.rstrip("=")
+        encoded = "\r\n".join(encoded[i : i + 76] for i in range(0, len(encoded), 76))
+    return f"data:{mime};base64,{encoded}"
 
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
@@ -167,11 +181,13 @@ class FakeXai:
             self._state.faults.append(Fault(kind=kind, times=times, **options))
 
     def configure(self, **settings: Any) -> None:
-        """Change `image_size`, `image_format` ("jpeg"/"png") or `b64_style` ("data_uri"/"plain")."""
+        """Change `image_size`, `image_format` ("jpeg"/"png") or `b64_style` ("data_uri"/"plain"/"wrapped")."""
         with self._lock:
             for name, value in settings.items():
                 if name not in {"image_size", "image_format", "b64_style"}:
                     raise ValueError(f"unknown setting {name!r}")
+                if name == "b64_style" and value not in B64_STYLES:
+                    raise ValueError(f"unknown b64_style {value!r}; one of {B64_STYLES}")
                 setattr(self._state, name, value)
 
     def reset(self) -> None:
@@ -314,9 +330,7 @@ class FakeXai:
         items = []
         for _ in range(body.get("n", 1)):
             if body.get("response_format", "url") == "b64_json":
-                encoded = base64.b64encode(data).decode()
-                if self._state.b64_style == "data_uri":
-                    encoded = f"data:{mime};base64,{encoded}"
+                encoded = _b64(data, mime, self._state.b64_style)
                 items.append({"b64_json": encoded, "revised_prompt": prompt, "mime_type": mime})
             else:
                 name = f"xai-tmp-imgen-{uuid.uuid4()}.{mime.split('/')[1]}"
