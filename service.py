@@ -10,6 +10,7 @@ import bentoml
 from starlette.exceptions import HTTPException
 
 import bentoml_fixes
+from pipeline import lifeline
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
@@ -19,6 +20,12 @@ from pipeline.stages import ModelState
 from runners.triposr.client import TripoSRStage
 from runners.triposr.service import TripoSRService
 
+# Every process of the service dies with the one that started it (BentoML issue #4193: a `kill -9` of `bentoml
+# serve` leaves its workers running). `bentoml serve` imports this module (_bentoml_impl/server/serving.py:208)
+# before it creates the circus watchers that start the workers (:265, :348) with a copy of its environment
+# (circus/watcher.py:283), from its main thread; each worker imports it first thing
+# (_bentoml_impl/worker/service.py:186).
+lifeline.hold()
 setup_logging()
 settings = get_settings()
 # Cheaper middlewares for the hot path (see bentoml_fixes.py). Every worker of both services imports this module.

@@ -12,11 +12,13 @@ import time
 
 import bentoml
 
+from pipeline import lifeline
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
 from runners.triposr.wire import is_store_tag
 
 log = logging.getLogger("grok3d.triposr")
+lifeline.hold()  # dies with `bentoml serve` (BentoML issue #4193), its model and GPU memory with it: see service.py
 setup_logging()
 settings = get_settings()
 
