@@ -30,10 +30,13 @@ setup_logging()
 settings = get_settings()
 # Cheaper middlewares for the hot path (see bentoml_fixes.py). Every worker of both services imports this module.
 bentoml_fixes.install()
-# BentoML serves Swagger UI's files at /static_content: our /api/docs uses them, so the docs work offline.
+# BentoML serves Swagger UI's files at /static_content (_bentoml_impl/server/app.py:204-208): our /api/docs uses
+# them, so the docs work offline.
 app = create_app(lambda s: default_stages(s, TripoSRStage(bentoml.get_current_service().triposr)), settings,
                  swagger_assets_url="/static_content")
-# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content).
+# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content): our app
+# is mounted before BentoML adds its index route (_bentoml_impl/server/app.py:192-193 before :213), which so never
+# answers; the page is its index_page's file (app.py:163-170).
 mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html")
 
 
@@ -57,7 +60,8 @@ class Grok3D:
 
     async def __is_ready__(self) -> bool:
         """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
-        503 with the reason (raising gives /readyz that body instead of BentoML's generic one)."""
+        503 with the reason (raising gives /readyz that body instead of BentoML's generic one: its readyz awaits
+        this unguarded and answers False with a fixed sentence, _bentoml_impl/server/app.py:440-451)."""
         runtime = getattr(app.state, "runtime", None)
         if runtime is None:
             raise HTTPException(503, "grok3d is starting")

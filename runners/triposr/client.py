@@ -18,7 +18,9 @@ from pipeline.stages import ModelState, ModelStatus, Reconstruction
 from runners.triposr.wire import UNREADABLE
 
 log = logging.getLogger("grok3d.triposr.client")
-STATUS_TIMEOUT_S = 10.0  # a status answer is immediate; a service that takes longer is busy starting
+# A status answer is immediate; a service that takes longer is busy starting. Without this bound a call would wait
+# for BentoML's client timeout, the TripoSR service's traffic timeout (_bentoml_impl/client/proxy2.py:683-685).
+STATUS_TIMEOUT_S = 10.0
 
 
 class TripoSRStage:
@@ -37,12 +39,15 @@ class TripoSRStage:
     async def reconstruct(self, image_png: bytes) -> Reconstruction:
         try:
             [glb] = await self._service.to_async.reconstruct([image_png])
-        except ServiceUnavailable as exc:
+        except ServiceUnavailable as exc:  # a full batch queue: _bentoml_impl/server/app.py:121-122
             raise StageError("The 3D model could not be generated: the TripoSR service is overloaded, "
                              "please try again later.", retryable=True) from exc
         except (aiohttp.ClientError, RuntimeError) as exc:
             # The connection to the service broke: worth another try. aiohttp reports a session closed under a
-            # response being read as a bare RuntimeError("Connection closed."); any other RuntimeError is a bug.
+            # response being read as a bare RuntimeError("Connection closed.") (aiohttp 3.14.5, streams.py:350);
+            # BentoML closes sessions under requests in flight when it renews them (_bentoml_impl/client/
+            # proxy2.py:122-123, see runner_connection in runners/triposr/service.py). Any other RuntimeError is a
+            # bug.
             if isinstance(exc, RuntimeError) and "Connection closed" not in str(exc):
                 raise
             log.warning("TripoSR service connection failed: %r", exc)
