@@ -2,18 +2,32 @@
 
 Status polls are what clients send most (every client, every second or so). Two of BentoML's middlewares cost more
 than the route itself:
-- Its TimeoutMiddleware schedules a timer with `loop.call_later` and a future for every request and never cancels
-  them, so each request leaves both alive for the whole timeout (60 s): at 5,000 requests/s that is hundreds of
-  thousands of live objects, and the garbage collector's full passes over them stalled every request for up to
-  250 ms. `FirstByteTimeout` has the same contract (504 `{"error": ...}` when no response has started in time, no
-  limit once it has) and cancels its timer as soon as the response starts or the request ends.
-- Its metrics middleware counts every request in Prometheus' multiprocess files, skip_paths or not (they only skip
-  the last-request timestamp), about a fifth of a poll's cost. `skipping_metrics` makes skip_paths skip it all.
+- Its TimeoutMiddleware (bentoml/_internal/server/http/traffic.py:13-50) schedules a timer with `loop.call_later`
+  and a future for every request (traffic.py:28-29) and never cancels them, so each request leaves both alive for
+  the whole timeout (60 s): at 5,000 requests/s that is hundreds of thousands of live objects, and the garbage
+  collector's full passes over them stalled every request for up to 250 ms. `FirstByteTimeout` has the same
+  contract (504 `{"error": ...}` when no response has started in time, no limit once it has) and cancels its timer
+  as soon as the response starts or the request ends.
+- Its metrics middleware (bentoml/_internal/server/http/instruments.py:142, RunnerTrafficMetricsMiddleware) counts
+  every request in Prometheus' multiprocess files, skip_paths or not (they only skip the last-request timestamp,
+  instruments.py:257; the counts at instruments.py:295-340 run for every path), about a fifth of a poll's cost.
+  `skipping_metrics` makes skip_paths skip it all.
+
+Both are swapped in where BentoML looks them up each time it builds an app's middleware stack: the
+`middlewares` properties import them from their modules at call time (bentoml/_internal/server/base_app.py:148
+for the timeout, _bentoml_impl/server/app.py:234 for the metrics). An upgrade of BentoML could move either and
+silently drop the fix, so:
+- `install()` refuses any BentoML but the version this was written for, and says what to re-check;
+- each replacement logs a line when BentoML builds it into a stack (so once per worker at start-up), and
+  tests/test_bentoml_fixes.py finds those lines for both workers of a served app, and checks that status polls are
+  missing from its /metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 from typing import Any, Callable
 
 from starlette.responses import JSONResponse
@@ -22,11 +36,32 @@ Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
+log = logging.getLogger("grok3d.bentoml_fixes")
+WRITTEN_FOR = "1.4.40"
+# What an upgrade must re-check before WRITTEN_FOR moves (paths under site-packages).
+RECHECK = (
+    "1. bentoml/_internal/server/http/traffic.py: does TimeoutMiddleware still leave a call_later timer armed for "
+    "every request, and does bentoml/_internal/server/base_app.py (`middlewares`) still import it from there when "
+    "it builds a stack? "
+    "2. bentoml/_internal/server/http/instruments.py: does RunnerTrafficMetricsMiddleware still count requests "
+    "under its skip_paths, and does _bentoml_impl/server/app.py (`middlewares`) still import it from there? "
+    "3. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
+    "runners/triposr/client.py. "
+    "Then run tests/test_bentoml_fixes.py."
+)
+
+
+def _report(replacement: str, original: str) -> None:
+    """One line per stack BentoML builds with the replacement in it: the proof, read by the tests, that it is."""
+    log.info("%s is in BentoML's middleware stack in place of its %s (process %d)", replacement, original,
+             os.getpid())
+
 
 class FirstByteTimeout:
     def __init__(self, app: Any, timeout: float) -> None:
         self.app = app
         self.timeout = timeout
+        _report("FirstByteTimeout", "TimeoutMiddleware")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -66,6 +101,10 @@ def skipping_metrics(base: type) -> type:
     """BentoML's metrics middleware class, made to pass requests under its skip_paths straight through."""
 
     class SkippingMetrics(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            _report("SkippingMetrics", base.__name__)
+
         async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] == "http" and scope["path"].startswith(tuple(self.skip_paths)):
                 await self.app(scope, receive, send)
@@ -75,11 +114,20 @@ def skipping_metrics(base: type) -> type:
     return SkippingMetrics
 
 
+def check_version(found: str) -> None:
+    """Refuse a BentoML this module was not written for: its fixes could be silently dropped or wrong there."""
+    if found != WRITTEN_FOR:
+        raise RuntimeError(f"bentoml_fixes.py was written for BentoML {WRITTEN_FOR}, and this is BentoML {found}. "
+                           f"Re-check, then set WRITTEN_FOR: {RECHECK}")
+
+
 def install() -> None:
     """Put both in BentoML's place (its app factory looks them up in these modules when it builds each app)."""
+    import bentoml
     import bentoml._internal.server.http.instruments as instruments
     import bentoml._internal.server.http.traffic as traffic
 
+    check_version(bentoml.__version__)
     traffic.TimeoutMiddleware = FirstByteTimeout
     if not getattr(instruments.RunnerTrafficMetricsMiddleware, "_grok3d_skipping", False):
         instruments.RunnerTrafficMetricsMiddleware = skipping_metrics(instruments.RunnerTrafficMetricsMiddleware)

@@ -12,6 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import PlainTextResponse
 
 import bentoml_fixes
+from pipeline import lifeline
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
@@ -21,6 +22,12 @@ from pipeline.web import mount_bentoml_ui
 from runners.triposr.client import TripoSRStage
 from runners.triposr.service import TripoSRService
 
+# Every process of the service dies with the one that started it (BentoML issue #4193: a `kill -9` of `bentoml
+# serve` leaves its workers running). `bentoml serve` imports this module (_bentoml_impl/server/serving.py:208)
+# before it creates the circus watchers that start the workers (:265, :348) with a copy of its environment
+# (circus/watcher.py:283), from its main thread; each worker imports it first thing
+# (_bentoml_impl/worker/service.py:186).
+lifeline.hold()
 setup_logging()
 settings = get_settings()
 # Cheaper middlewares for the hot path (see bentoml_fixes.py). Every worker of both services imports this module.
@@ -32,9 +39,12 @@ def _triposr_stage(_settings: Any) -> TripoSRStage:
                         max_latency_s=settings.triposr_max_latency_ms / 1000)
 
 
-# BentoML serves Swagger UI's files at /static_content: our /api/docs uses them, so the docs work offline.
+# BentoML serves Swagger UI's files at /static_content (_bentoml_impl/server/app.py:204-208): our /api/docs uses
+# them, so the docs work offline.
 app = create_app(lambda s: default_stages(s, _triposr_stage(s)), settings, swagger_assets_url="/static_content")
-# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content).
+# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content): our app
+# is mounted before BentoML adds its index route (_bentoml_impl/server/app.py:192-193 before :213), which so never
+# answers; the page is its index_page's file (app.py:163-170).
 mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html")
 
 
@@ -91,8 +101,9 @@ def api_service(triposr_service: type) -> type:
 
         async def __is_ready__(self) -> bool:
             """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
-            503 with the reason (raising gives /readyz that body instead of BentoML's generic one). The model's
-            state comes from the TripoSR client's watch: no round trip here."""
+            503 with the reason (raising gives /readyz that body instead of BentoML's generic one: its readyz awaits
+            this unguarded and answers False with a fixed sentence, _bentoml_impl/server/app.py:440-451). The
+            model's state comes from the TripoSR client's watch: no round trip here."""
             runtime = getattr(app.state, "runtime", None)
             if runtime is None:
                 raise HTTPException(503, "grok3d is starting")

@@ -1,10 +1,14 @@
 """Start the real service (`bentoml serve service:Grok3D`) as a subprocess on a free port, for tests.
 
-The process runs in its own session so a test can kill the whole tree with SIGKILL, as a crash would.
+Every process the server starts carries a token of its own in its environment (`MARKER`), so a test finds them
+all, even those whose parent has died: `kill9()` kills the whole tree with SIGKILL, as a crash of the machine
+would, and `stop()` leaves none behind, whatever a test did. A process group would not do: BentoML's workers and
+the Blender workers each run in a session of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,12 +16,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import httpx
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+MARKER = "GROK3D_TEST_SERVER"  # in the environment of every process of one test server: its token
 
 
 def free_port() -> int:
@@ -43,6 +49,7 @@ class Server:
             "TMPDIR": (short_tmp := tempfile.mkdtemp(prefix="g3d-")),
             "GROK3D_TMP_DIR": short_tmp,  # what `make serve` and `make dev` use as TMPDIR
             "PORT": str(self.port),
+            MARKER: uuid.uuid4().hex,
             **(env or {}),
         }
         if "GROK3D_STAGES" in self.env:  # Settings refuses test stages without this consent
@@ -77,37 +84,58 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def processes(self) -> list[psutil.Process]:
+        """Every live process this server started, at any depth, orphaned or not (zombies have ended)."""
+        token = self.env[MARKER]
+        found = []
+        for p in psutil.process_iter():
+            try:
+                if p.environ().get(MARKER) == token and p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                pass
+        return found
+
+    def worker(self, service_name: str) -> psutil.Process:
+        """The live BentoML worker of `service_name` ("grok3d" or "triposr")."""
+        [worker] = [p for p in self.processes() if _arg(p, "--service-name") == service_name]
+        return worker
+
     def _tree(self) -> list[psutil.Process]:
-        # BentoML's workers run in sessions of their own, so a process group does not reach them.
         try:
-            root = psutil.Process(self.proc.pid)
-            return [root, *root.children(recursive=True)]
+            root = psutil.Process(self.proc.pid) if self.proc is not None else None
+            return [root, *root.children(recursive=True)] if root is not None else []
         except psutil.NoSuchProcess:
             return []
+
+    def _kill_all(self) -> None:
+        """SIGKILL to the launched process first (circus cannot start a worker again), its tree as it stands, then
+        whatever else carries the token (started meanwhile, or orphaned earlier)."""
+        for p in [*self._tree(), *self.processes()]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, alive = psutil.wait_procs(self.processes(), timeout=10)
+        assert not alive, f"still alive after SIGKILL: {alive}"
 
     def kill9(self) -> None:
         """SIGKILL the whole process tree, as a power cut or OOM kill would: no shutdown code runs."""
         assert self.proc is not None
-        for p in self._tree():
-            p.kill()
+        self._kill_all()
         self.proc.wait(10)
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        tree = self._tree()
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """SIGTERM to the launched process's group, as Ctrl-C in a terminal would reach it (`bentoml serve` stops
+        its workers); after 15 s, and for anything of the server still alive then, SIGKILL."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+            psutil.wait_procs(self.processes(), timeout=10)
+        self._kill_all()
+        if self.proc is not None:
             self.proc.wait(10)
-        except ProcessLookupError:
-            pass
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            p.kill()
         self.proc = None
 
     def __enter__(self) -> "Server":
@@ -115,6 +143,11 @@ class Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _arg(p: psutil.Process, flag: str) -> str | None:
+    args = p.cmdline()
+    return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
 def wait_job(client: httpx.Client, job_id: str, *, timeout_s: float = 60.0, until=("complete", "error")) -> dict:

@@ -114,3 +114,12 @@ def real_model(settings: Settings, reconstructor: Reconstructor | None = None) -
     """The real TripoSR service behind the 3D stage; quick test stages around it."""
     assert reconstructor is not None, "real_model needs the TripoSR service (service.py passes it)"
     return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=reconstructor, convert=ZipConverter())
+
+
+def real_convert(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real Blender pool (GROK3D_BLENDER_WORKERS warm workers, started with the API worker) behind the USDZ
+    stage; quick test stages before it."""
+    from pipeline.backends import converter
+
+    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=BoxReconstructor(),
+                  convert=converter(settings))

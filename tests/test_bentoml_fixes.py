@@ -1,5 +1,7 @@
-"""bentoml_fixes.FirstByteTimeout on a real uvicorn server: a 504 in API.md's error shape when no response starts
-in time, no limit once one has, and no timer left behind per request (BentoML's own leaves one for 60 s)."""
+"""bentoml_fixes: FirstByteTimeout on a real uvicorn server (a 504 in API.md's error shape when no response starts
+in time, no limit once one has, and no timer left behind per request: BentoML's own leaves one for 60 s); both
+replacements found in the middleware stacks that the workers of a served app build; and no install on a BentoML it
+was not written for."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import asyncio
 import threading
 import time
 
+import bentoml
+import bentoml._internal.server.http.traffic as traffic
 import httpx
 import pytest
 import uvicorn
@@ -14,8 +18,9 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+import bentoml_fixes
 from bentoml_fixes import FirstByteTimeout
-from tests.server import free_port
+from tests.server import Server, free_port
 
 
 async def slow(request):
@@ -68,3 +73,36 @@ def test_no_timer_is_left_behind_per_request(url):
         for _ in range(300):
             last = c.get("/quick").json()
     assert last["timers"] < 10  # BentoML's middleware would hold ~300 here
+
+
+def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
+    """Each replacement logs when BentoML builds it into a worker's stack: if an upgrade bypassed the swap, or
+    service.py stopped installing it, no line would name that worker. And polls are missing from /metrics."""
+    env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
+    with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        log = srv.log()
+        for service in ("grok3d", "triposr"):
+            pid = srv.worker(service).pid
+            for replacement, original in (("FirstByteTimeout", "TimeoutMiddleware"),
+                                          ("SkippingMetrics", "RunnerTrafficMetricsMiddleware")):
+                assert f"{replacement} is in BentoML's middleware stack in place of its {original} (process {pid})" \
+                    in log, f"{replacement} is not in the {service} worker's stack"
+        for _ in range(3):
+            c.get("/api/status/0123456789ab")
+        c.get("/api/examples")
+        metrics = c.get("/metrics").text
+        assert 'endpoint="/api/examples"' in metrics  # what is not skipped is counted
+        assert 'endpoint="/api/status/' not in metrics
+
+
+def test_install_refuses_a_bentoml_it_was_not_written_for(monkeypatch):
+    before = traffic.TimeoutMiddleware
+    monkeypatch.setattr(bentoml, "__version__", "1.4.41")
+    with pytest.raises(RuntimeError) as refused:
+        bentoml_fixes.install()
+    assert traffic.TimeoutMiddleware is before  # nothing swapped
+    message = str(refused.value)
+    assert "written for BentoML 1.4.40, and this is BentoML 1.4.41" in message
+    for what in ("traffic.py", "base_app.py", "instruments.py", "_bentoml_impl/server/app.py",
+                 "tests/test_bentoml_fixes.py"):
+        assert what in message

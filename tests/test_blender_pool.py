@@ -148,6 +148,38 @@ async def test_workers_exit_when_the_service_process_is_killed(tmp_path: Path) -
     assert all(_gone(p) for p in pids)
 
 
+async def test_a_busy_worker_dies_with_the_service_process(tmp_path: Path, glb_100k: Path) -> None:
+    """A worker in the middle of a conversion does not read its channel, so only the parent-death signal
+    (pipeline/lifeline.py) ends it when the service process is killed: at once, not when its bake is done."""
+    script = ("import asyncio, sys\n"
+              "from pathlib import Path\n"
+              "from converters.blender.pool import BlenderPool\n"
+              "async def main():\n"
+              "    pool = BlenderPool(workers=1, bake_size=64)\n"
+              "    await pool.start()\n"
+              "    print(*pool.worker_pids(), flush=True)\n"
+              "    await pool.convert_with_report(Path(sys.argv[1]), Path(sys.argv[2]), bake_size=4096)\n"
+              "asyncio.run(main())\n")
+    root = Path(__file__).resolve().parents[1]
+    service = await asyncio.create_subprocess_exec(sys.executable, "-c", script, str(glb_100k),
+                                                   str(tmp_path / "slow.usdz"), cwd=root,
+                                                   stdout=asyncio.subprocess.PIPE)
+    assert service.stdout is not None
+    [pid] = [int(p) for p in (await asyncio.wait_for(service.stdout.readline(), 60)).split()]
+    await asyncio.sleep(1.0)  # into the bake: ~7 s for a 4096 x 4096 bake of 100k faces on this machine
+    service.kill()
+    await service.wait()
+    for _ in range(20):
+        if _gone(pid):
+            break
+        await asyncio.sleep(0.1)
+    survived = not _gone(pid)
+    if survived:
+        os.kill(pid, signal.SIGKILL)
+    assert not survived, "the worker outlived the service process"
+    assert not (tmp_path / "slow.usdz").exists()  # it was cut off, not finished
+
+
 async def test_start_fails_clearly_without_a_blender_interpreter(tmp_path: Path) -> None:
     with pytest.raises(StageUnavailable, match="not installed"):
         await BlenderPool(workers=1, python=tmp_path / "no-python").start()

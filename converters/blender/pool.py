@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from converters.blender.glbcheck import check_glb
+from pipeline import lifeline
 from pipeline.errors import StageError, StageUnavailable
 
 log = logging.getLogger("grok3d.blender")
@@ -75,9 +76,12 @@ class _Worker:
 
     async def start(self) -> None:
         parent, child = socket.socketpair()
-        # One core per worker: numpy's thread pools stay single-threaded like Cycles (set in usdz.py).
-        env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(self.tmpdir), PYTHONUNBUFFERED="1",
-                   OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # One core per worker: numpy's thread pools stay single-threaded like Cycles (set in usdz.py). The worker
+        # dies with this process (pipeline/lifeline.py), even in the middle of a conversion, when it would not
+        # see its channel close; so this must run on the thread that owns the pool (its event loop's).
+        env = lifeline.child_env(dict(os.environ, PYTHONPATH=str(REPO_ROOT), TMPDIR=str(self.tmpdir),
+                                      PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1",
+                                      MKL_NUM_THREADS="1"))
         try:
             self.process = await asyncio.create_subprocess_exec(
                 str(self.python), "-m", "converters.blender.worker", "--fd", str(child.fileno()),

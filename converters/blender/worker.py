@@ -8,7 +8,8 @@ Request: {"id": int, "op": "convert" | "render" | "ping", "glb": str, "out": str
           "max_faces": int, "size": int}
 Reply:   {"id": int, "ok": bool, "error": str | None, "bug": bool, "result": {...},
           "counts": {"objects", "meshes", "materials", "images"} after the reset, "rss_mb": float, "seconds": float}
-The worker exits when the channel closes (the pool closed it, or the pool's process died).
+The worker exits when the channel closes (the pool closed it), and dies with the pool's process even in the middle
+of a request (pipeline/lifeline.py: the kernel's parent-death signal, armed first thing in `main`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from pipeline import lifeline
 
 
 def rss_mb() -> float:
@@ -78,6 +81,7 @@ def serve(channel: socket.socket) -> None:
 
 
 def main() -> None:
+    lifeline.hold()  # before bpy's seconds of imports: a pool that dies meanwhile takes this worker with it
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--fd", type=int, help="file descriptor of the channel socket (pool mode)")
     parser.add_argument("--convert", nargs=2, metavar=("GLB", "USDZ"), help="one conversion, then exit (benchmarks)")

@@ -26,7 +26,10 @@ from pipeline.stages import ModelState, ModelStatus, Reconstruction
 from runners.triposr.wire import Failure, Picture, ReconstructAnswer
 
 log = logging.getLogger("grok3d.triposr.client")
-STATUS_TIMEOUT_S = 10.0  # a status answer is immediate (the service answers it on its event loop)
+# A status answer is immediate (the service answers it on its event loop); a service that takes longer is busy
+# starting. Without this bound a call would wait for BentoML's client timeout, the TripoSR service's traffic
+# timeout (_bentoml_impl/client/proxy2.py:683-685).
+STATUS_TIMEOUT_S = 10.0
 WATCH_LOADING_S = 1.0  # how often the model's state is asked while it is not ready
 WATCH_READY_S = 10.0  # and once it is (a restarted service may load another version)
 OVERLOAD_PAUSE_S = 0.5
@@ -127,13 +130,16 @@ class TripoSRStage:
             fast = time.monotonic() - began < self._budget_s / 2
             # In process BentoML hands back the model; over HTTP (JSON) a dict.
             return answer if isinstance(answer, ReconstructAnswer) else ReconstructAnswer.model_validate(answer)
-        except ServiceUnavailable as exc:
+        except ServiceUnavailable as exc:  # shed by the batcher (see above), answered as 503 by app.py:121-122
             log.warning("TripoSR service overloaded (%s): window now %d, the picture waits and goes again",
                         exc, max(1, self._window.size // 2))
             return None
         except (aiohttp.ClientError, RuntimeError) as exc:
-            # aiohttp reports a session closed under a response being read as a bare RuntimeError("Connection
-            # closed.") (aiohttp/client_proto.py); any other RuntimeError is a bug.
+            # The connection to the service broke: worth another try. aiohttp reports a session closed under a
+            # response being read as a bare RuntimeError("Connection closed.") (aiohttp 3.14.5, streams.py:350);
+            # BentoML closes sessions under requests in flight when it renews them (_bentoml_impl/client/
+            # proxy2.py:122-123, see runner_connection in runners/triposr/service.py). Any other RuntimeError is a
+            # bug.
             if isinstance(exc, RuntimeError) and "Connection closed" not in str(exc):
                 raise
             log.warning("TripoSR service connection failed: %r", exc)

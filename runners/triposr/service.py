@@ -14,11 +14,13 @@ import time
 
 import bentoml
 
+from pipeline import lifeline
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
 from runners.triposr.wire import Picture, ReconstructAnswer, is_store_tag
 
 log = logging.getLogger("grok3d.triposr")
+lifeline.hold()  # dies with `bentoml serve` (BentoML issue #4193), its model and GPU memory with it: see service.py
 setup_logging()
 settings = get_settings()
 
@@ -39,7 +41,9 @@ def _packed_model() -> bentoml.models.BentoModel | None:
 
 # Callers' connection to this service. BentoML 1.4.40 replaces it every 100 requests (its default) by closing
 # the old session under the requests still in flight, which then fail with "Server disconnected": over a unix
-# socket there is nothing to gain from replacing it, so it lives for a day.
+# socket there is nothing to gain from replacing it, so it lives for a day. (SessionManager.get_session,
+# _bentoml_impl/client/proxy2.py:120-128, closes it at :122-123; defaults at :689-690; the setting came with
+# BentoML PR #5522.)
 RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 86400.0}
 
 
@@ -47,7 +51,9 @@ RUNNER_CONNECTION = {"max_requests": 2**31 - 1, "max_age": 86400.0}
     name="triposr",
     resources={"gpu": 1},
     workers=1,
-    # A request waits for its batch's forward pass: never time out before the batching latency budget.
+    # A request waits for its batch's forward pass: never time out before the batching latency budget. This one
+    # number is both this service's TimeoutMiddleware (bentoml/_internal/server/base_app.py:151-152) and its
+    # callers' client timeout, plus 1% (_bentoml_impl/client/proxy2.py:683-685).
     traffic={"timeout": max(600, settings.triposr_max_latency_ms / 1000 * 2)},
     runner_connection=RUNNER_CONNECTION,
 )
