@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from pipeline.errors import StageError
 from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
+from pipeline.retry import RetryPolicy
 from pipeline.stages import ModelState, Stages
 from pipeline.storage import Asset, AssetStore, publish, temp_path_for
 
@@ -62,8 +63,8 @@ class Orchestrator:
         self._reconstruct_slots = asyncio.Semaphore(reconstruct_concurrency)
         self._max_running = max_running
         self._poll_s = poll_s
-        self._retries = retries
-        self._retry_backoff_s = retry_backoff_s
+        # A stage that failed for a passing reason (a broken connection) goes again, on the one retry policy.
+        self._retry = RetryPolicy(max_retries=retries, backoff_base_s=retry_backoff_s)
         self._model_wait_s = model_wait_s
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._lost: set[str] = set()  # jobs cancelled here because another owner took them over
@@ -188,23 +189,9 @@ class Orchestrator:
             await self._db(self.store.advance, lease, stage, start_progress)
             log.info("job %s stage %s started", job.job_id, stage.value)
             began = time.monotonic()
-            await self._with_retries(work, job, stage)
+            await self._retry.run(work, retry_on=_passing, on_retry=partial(_log_retry, job, stage))
             await self._db(self.store.advance, lease, stage, end_progress)
             log.info("job %s stage %s done in %.2f s", job.job_id, stage.value, time.monotonic() - began)
-
-    async def _with_retries(self, work: Callable[[], Awaitable[T]], job: Job, stage: Stage) -> T:
-        """Retry a stage that failed for a passing reason (a broken connection), then give up with its sentence."""
-        for attempt in range(self._retries + 1):
-            try:
-                return await work()
-            except StageError as exc:
-                if not exc.retryable or attempt == self._retries:
-                    raise
-                delay = self._retry_backoff_s * 2**attempt
-                log.warning("job %s stage %s: %s (retry %d in %.1f s)", job.job_id, stage.value, exc.message,
-                            attempt + 1, delay)
-                await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     async def _publish(self, lease: Lease, asset: Asset, data: bytes) -> None:
         """Write a job's file, if this owner still holds the job: a stale owner never overwrites the new one's."""
@@ -252,3 +239,11 @@ class Orchestrator:
             await asyncio.to_thread(publish, tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def _passing(exc: BaseException) -> bool:
+    return isinstance(exc, StageError) and exc.retryable
+
+
+def _log_retry(job: Job, stage: Stage, exc: BaseException, number: int, wait_s: float) -> None:
+    log.warning("job %s stage %s: %s (retry %d in %.1f s)", job.job_id, stage.value, exc, number, wait_s)
