@@ -80,6 +80,8 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
     service.py stopped installing it, no line would name that worker. And polls are missing from /metrics."""
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
     with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/livez").status_code == 200  # BentoML's health routes, beside our app at "/"
+        assert c.get("/readyz").status_code == 200
         log = srv.log()
         for service in ("grok3d", "triposr"):
             pid = srv.worker(service).pid
@@ -89,7 +91,7 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
                     in log, f"{replacement} is not in the {service} worker's stack"
         for _ in range(3):
             c.get("/api/status/0123456789ab")
-        c.get("/api/examples")
+            c.get("/api/examples")
         metrics = c.get("/metrics").text
         assert 'endpoint="/api/examples"' in metrics  # what is not skipped is counted
         assert 'endpoint="/api/status/' not in metrics

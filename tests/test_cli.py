@@ -15,17 +15,18 @@ import httpx
 import pytest
 import trimesh
 
+from tests.inprocess import AppServer
 from tests.server import ROOT, Server, free_port, wait_job
 
 PROGRESS_LINE = re.compile(r"\[[#-]+\]\s+(\d+)%\s+(\S+?):?(\s|$)")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Iterator[Server]:
+def server(tmp_path_factory) -> Iterator[AppServer]:
     # Each stage lasts over twice the command's poll interval (0.5 s), so its progress bar must show every stage.
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "TEST_IMAGE_SLEEP_S": "1.1",
            "TEST_3D_SLEEP_S": "1.1", "TEST_CONVERT_SLEEP_S": "1.1"}
-    with Server(tmp_path_factory.mktemp("cli"), env) as srv:
+    with AppServer(tmp_path_factory.mktemp("cli"), env) as srv:  # the app in process: the CLI sees the same HTTP
         yield srv
 
 
