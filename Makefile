@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
-.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data
+.PHONY: .venv .venv-blender serve dev test test-fast bench import-model promote examples build clean-data
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -70,6 +70,10 @@ $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 
 test: .venv $(VENV)/.kernel-tests /usr/bin/chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes.
+test-fast: .venv
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: .venv
 	$(PY) bench/api_bench.py
