@@ -60,11 +60,11 @@ def test_two_processes_never_claim_the_same_job(tmp_path):
 
 
 def test_lease_expiry_and_dead_owner_free_a_job(tmp_path):
-    store = open_store(tmp_path / "grok3d.db", lease_s=0.3)
+    store = open_store(tmp_path / "grok3d.db", lease_s=2.0)  # long enough that a loaded machine claims twice in it
     job = store.create("x", queue_max=10)
     assert store.claim("other-host:1").job_id == job.job_id
     assert store.claim("me-host:2") is None  # leased
-    time.sleep(0.4)
+    time.sleep(2.1)
     assert store.claim("me-host:2").job_id == job.job_id  # the lease lapsed
 
     store2 = open_store(tmp_path / "b.db", lease_s=600)
