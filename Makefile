@@ -52,6 +52,7 @@ $(DEV_MODEL)/model.ckpt: | $(VENV)/.installed
 dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	$(PY) -m tests.fakes.xai --port $(DEV_XAI_PORT) & trap "kill $$!" EXIT; \
 	TMPDIR=$(GROK3D_TMP_DIR) XAI_API_KEY=test-key XAI_BASE_URL=http://127.0.0.1:$(DEV_XAI_PORT)/v1 \
+	GROK3D_WEBHOOK_ALLOW_PRIVATE=1 \
 	TRIPOSR_MODEL=$(DEV_MODEL) TRIPOSR_MC_THRESHOLD=$${TRIPOSR_MC_THRESHOLD:-0.5} \
 	TRIPOSR_MC_RESOLUTION=$${TRIPOSR_MC_RESOLUTION:-96} \
 	$(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)

@@ -90,7 +90,7 @@ def api_service(triposr_service: type) -> type:
     @bentoml.service(
         name="grok3d",
         workers=1,
-        traffic={"timeout": 60},
+        traffic={"timeout": settings.request_timeout_s},  # to the first byte only: bentoml_fixes.FirstByteTimeout
         http={"port": settings.port},
         logging={"access": {"enabled": True, "skip_paths": POLL_PATHS}},
         tracing={"excluded_urls": POLL_PATHS},

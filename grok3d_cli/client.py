@@ -6,8 +6,11 @@ ordinary outcomes, told in words.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,19 @@ def normalize_url(server: str) -> str:
     """`localhost:8000` means http://localhost:8000: people type it that way."""
     server = server.strip().rstrip("/")
     return server if "://" in server else "http://" + server
+
+
+@dataclass(frozen=True)
+class Event:
+    """One Server-Sent Event of /api/status/{id}/events: `status` or `end`, its id, the status object."""
+
+    kind: str
+    id: str | None
+    status: dict[str, Any]
+
+
+class StreamBroken(Exception):
+    """The event stream could not be had or broke off; the caller may resume it or poll instead."""
 
 
 class Api:
@@ -76,6 +92,41 @@ class Api:
 
     def examples(self) -> list[dict[str, Any]]:
         return self._json("GET", "/api/examples")["examples"]
+
+    def jobs(self, *, limit: int | None = None, status: str | None = None,
+             cursor: str | None = None) -> dict[str, Any]:
+        params = {k: v for k, v in (("limit", limit), ("status", status), ("cursor", cursor)) if v is not None}
+        return self._json("GET", "/api/jobs", params=params)
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/api/jobs/{_segment(job_id)}/cancel")
+
+    def delete(self, job_id: str) -> None:
+        response = self._send("DELETE", f"/api/jobs/{_segment(job_id)}")
+        if response.status_code != 204:
+            raise _refusal(self.url, response, _body(response))
+
+    def events(self, job_id: str, last_event_id: str | None = None) -> Iterator[Event]:
+        """The job's Server-Sent Events (API.md §8) from after `last_event_id`. A refusal (404) is a CliError;
+        a stream that cannot be had or breaks off is StreamBroken."""
+        headers = {"accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["last-event-id"] = last_event_id
+        try:
+            # No read timeout of our own would fit a stream: the server's heartbeat (15 s) keeps it under 60 s.
+            with self._http.stream("GET", f"/api/status/{_segment(job_id)}/events", headers=headers,
+                                   timeout=httpx.Timeout(REQUEST_TIMEOUT_S, read=60.0)) as response:
+                if response.status_code == 404 or not response.is_success:
+                    response.read()
+                    if response.status_code == 404:
+                        raise _refusal(self.url, response, _body(response))
+                    raise StreamBroken(f"the server answered {response.status_code}")
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise StreamBroken("the server sent no event stream")
+                yield from _parse_events(response.iter_lines())
+        except httpx.HTTPError as exc:
+            raise StreamBroken(_reason(exc)) from None
+
 
     def download(self, job_id: str, asset_type: str, target: Path) -> None:
         """Stream an asset to a temporary file beside `target`, then rename: no half-written file is left."""
@@ -143,3 +194,24 @@ def _refusal(url: str, response: httpx.Response, body: Any) -> CliError:
         return CliError(message, EXIT_REFUSED)
     return CliError(f"the server at {url} answered {response.status_code} {response.reason_phrase} "
                     "without a grok3d error; is it a grok3d server?", EXIT_UNREACHABLE)
+
+
+def _parse_events(lines: Iterator[str]) -> Iterator[Event]:
+    """text/event-stream as the WHATWG HTML standard parses it (§9.2.6): `field: value` lines up to a blank line
+    make an event; lines that start with `:` are comments (heartbeats); `data` lines join with newlines."""
+    fields: dict[str, str] = {}
+    data: list[str] = []
+    for line in lines:
+        if line == "":
+            if data:
+                yield Event(fields.get("event", "message"), fields.get("id"), json.loads("\n".join(data)))
+            fields, data = {}, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "data":
+            data.append(value)
+        else:
+            fields[name] = value

@@ -1,4 +1,4 @@
-"""`grok3d generate | status | examples`: argparse in front of grok3d_cli.client.
+"""`grok3d generate | status | jobs | cancel | delete | examples`: argparse in front of grok3d_cli.client.
 
 Exit codes: 0 done; 1 the server said no (bad prompt, unknown job, failed job, timeout waiting); 2 bad usage
 (argparse); 3 no usable answer from the server (down, wrong address); 130 interrupted.
@@ -7,6 +7,7 @@ Exit codes: 0 done; 1 the server said no (bad prompt, unknown job, failed job, t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -14,11 +15,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from grok3d_cli.client import EXIT_REFUSED, Api, CliError
+from grok3d_cli.client import EXIT_REFUSED, Api, CliError, StreamBroken
 from grok3d_cli.progress import ProgressBar
 
 DEFAULT_SERVER = "http://localhost:8000"
 POLL_S = 0.5
+STREAM_RETRIES = 3  # reconnections (with Last-Event-ID) before falling back to polling
 # (asset_type of API.md, file suffix): the order in which a job produces them.
 ASSETS = (("image", "jpg"), ("glb", "glb"), ("usdz", "usdz"))
 
@@ -57,10 +59,54 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the API's JSON as it is")
     status.set_defaults(run=cmd_status)
 
+    jobs = commands.add_parser("jobs", parents=[common], help="list your jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20, metavar="N", help="jobs per page, 1 to 100 (default 20)")
+    jobs.add_argument("--status", choices=["queued", "processing", "complete", "error"], help="only these")
+    jobs.add_argument("--cursor", help="the next page: the cursor the previous page printed")
+    jobs.add_argument("--json", action="store_true", help="print the API's JSON as it is")
+    jobs.set_defaults(run=cmd_jobs)
+
+    cancel = commands.add_parser("cancel", parents=[common], help="stop a queued or running job")
+    cancel.add_argument("job_id")
+    cancel.set_defaults(run=cmd_cancel)
+
+    delete = commands.add_parser("delete", parents=[common], help="delete a job and all its files")
+    delete.add_argument("job_id")
+    delete.set_defaults(run=cmd_delete)
+
     examples = commands.add_parser("examples", parents=[common], help="list the example models")
     examples.add_argument("--json", action="store_true", help="print the API's JSON as it is")
     examples.set_defaults(run=cmd_examples)
     return parser
+
+
+def _still_running(job_id: str, status: dict[str, Any], timeout_s: float) -> CliError:
+    return CliError(f"job {job_id} is still {status['stage']} after {timeout_s:g} s; it goes on in the "
+                    f"server: grok3d status {job_id}", EXIT_REFUSED)
+
+
+def follow_job(api: Api, job_id: str, timeout_s: float, bar: ProgressBar) -> dict[str, Any]:
+    """The job's end, followed over Server-Sent Events (resumed with Last-Event-ID when the stream breaks), or by
+    polling once it has broken STREAM_RETRIES times or the server sends none."""
+    deadline = time.monotonic() + timeout_s
+    last_id: str | None = None
+    for _ in range(1 + STREAM_RETRIES):
+        try:
+            with contextlib.closing(api.events(job_id, last_id)) as events:
+                for event in events:
+                    last_id = event.id
+                    if event.kind == "end" or event.status["status"] in ("complete", "error"):
+                        if event.status["status"] != "error":
+                            bar.update(event.status)
+                        return event.status
+                    bar.update(event.status)
+                    if time.monotonic() > deadline:
+                        raise _still_running(job_id, event.status, timeout_s)
+        except StreamBroken:
+            pass
+        if time.monotonic() > deadline:
+            break
+    return wait_for_job(api, job_id, max(0.0, deadline - time.monotonic()), bar)
 
 
 def wait_for_job(api: Api, job_id: str, timeout_s: float, bar: ProgressBar) -> dict[str, Any]:
@@ -73,8 +119,7 @@ def wait_for_job(api: Api, job_id: str, timeout_s: float, bar: ProgressBar) -> d
         if status["status"] == "complete":
             return status
         if time.monotonic() > deadline:
-            raise CliError(f"job {job_id} is still {status['stage']} after {timeout_s:g} s; it goes on in the "
-                           f"server: grok3d status {job_id}", EXIT_REFUSED)
+            raise _still_running(job_id, status, timeout_s)
         time.sleep(POLL_S)
 
 
@@ -83,7 +128,7 @@ def cmd_generate(api: Api, args: argparse.Namespace) -> int:
     print(f"job {job_id} queued", file=sys.stderr)
     bar = ProgressBar()
     try:
-        status = wait_for_job(api, job_id, args.timeout, bar)
+        status = follow_job(api, job_id, args.timeout, bar)
     except KeyboardInterrupt:
         raise CliError(f"interrupted; job {job_id} goes on in the server: grok3d status {job_id}", 130) from None
     finally:
@@ -107,6 +152,32 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
         if status.get(name) is not None:
             suffix = "%" if name == "progress" else ""
             print(f"{name + ':':15}{status[name]}{suffix}")
+    return 0
+
+
+def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
+    page = api.jobs(limit=args.limit, status=args.status, cursor=args.cursor)
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for job in page["jobs"]:
+        state = job["status"] if job["status"] in ("queued", "complete", "error") else job["stage"]
+        print(f"{job['job_id']}  {job['created_at'][:19]}  {state:16} {job['prompt'][:60]}")
+    if page.get("next_cursor"):
+        print(f"more: grok3d jobs --cursor {page['next_cursor']}", file=sys.stderr)
+    return 0
+
+
+def cmd_cancel(api: Api, args: argparse.Namespace) -> int:
+    status = api.cancel(args.job_id)
+    word = "cancelled" if status["status"] == "error" else "cancel requested; it stops shortly"
+    print(f"job {status['job_id']} {word}")
+    return 0
+
+
+def cmd_delete(api: Api, args: argparse.Namespace) -> int:
+    api.delete(args.job_id)
+    print(f"job {args.job_id} deleted")
     return 0
 
 

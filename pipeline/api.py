@@ -6,14 +6,19 @@ Every error under /api is `{"error": "..."}`; FastAPI's 422 and `{"detail": ...}
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import gc
+import hashlib
 import inspect
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -22,10 +27,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
-from pipeline import schemas
+from pipeline import schemas, webhooks
+from pipeline.events import event_stream, fixed_events, job_events, last_event_id
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
-from pipeline.head import serve_head
-from pipeline.jobs import Job, JobStore, QueueFull, Status, Stage
+from pipeline.head import is_head, serve_head
+from pipeline.jobs import IdempotencyKey, IdempotencyMismatch, Job, JobStore, QueueFull, Status, Stage
+from pipeline.lifecycle import Lifecycle, caller_scope, scope_key
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response
 from pipeline.settings import Settings, get_settings
@@ -38,6 +45,16 @@ log = logging.getLogger("grok3d.api")
 
 NOT_CONFIGURED = "Image generation is not configured: set XAI_API_KEY"
 MODEL_NOT_LOADED = "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)"
+IDEMPOTENCY_KEY_INVALID = "Idempotency-Key must be 1 to 255 printable ASCII characters"
+IDEMPOTENCY_MISMATCH = ("This Idempotency-Key was already used with another request body: send the same body again, "
+                        "or use a new key for a new request")
+ALREADY_FINISHED = "The job has already finished"
+EXAMPLES_READ_ONLY = "Examples cannot be deleted"
+LIMIT_INVALID = "limit must be a whole number from 1 to 100"
+STATUS_INVALID = "status must be one of queued, processing, complete, error"
+CURSOR_INVALID = "Invalid cursor"
+DEFAULT_LIMIT, MAX_LIMIT = 20, 100
+_CREATED_AT = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}")
 
 
 class ApiError(Exception):
@@ -57,6 +74,8 @@ class Runtime:
     catalog: ExampleCatalog
     stages: Stages
     orchestrator: Orchestrator
+    lifecycle: Lifecycle
+    webhooks: webhooks.WebhookSender
 
 
 StagesFactory = Callable[[Settings], Stages]
@@ -87,9 +106,10 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None, 
                   openapi_url="/api/openapi.json")
     if swagger_assets_url:
         _install_local_docs(app, swagger_assets_url)
-    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "HEAD", "POST"],
+    app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
+                       allow_methods=["GET", "HEAD", "POST", "DELETE"],
                        allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
-                                                            "Content-Range", "Accept-Ranges"])
+                                                            "Content-Range", "Accept-Ranges", "Idempotent-Replayed"])
     serve_head(app)  # every GET route answers HEAD; its middleware is the outermost
     _install_error_handlers(app)
     _install_routes(app)
@@ -99,14 +119,17 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None, 
 
 
 def _document_no_422(app: FastAPI) -> None:
-    """Invalid requests are 400 here (API.md): drop the 422 FastAPI documents for every route with parameters."""
+    """Invalid requests are 400 here (API.md): drop the 422 FastAPI documents for every route with parameters (the
+    one 422 of ours, an Idempotency-Key reused with another body, stays)."""
     build = app.openapi
 
     def openapi() -> dict:
         schema = build()
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
+                responses = operation.get("responses", {})
+                if "HTTPValidationError" in json.dumps(responses.get("422", {})):
+                    responses.pop("422")
         for name in ("HTTPValidationError", "ValidationError"):
             schema.get("components", {}).get("schemas", {}).pop(name, None)
         return schema
@@ -124,27 +147,43 @@ def _install_local_docs(app: FastAPI, assets_url: str) -> None:
 
 
 async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
-    store = await asyncio.to_thread(JobStore, settings.store_url, lease_s=settings.lease_s)
+    store = await asyncio.to_thread(JobStore, settings.store_url, lease_s=settings.lease_s,
+                                    retention_s=settings.retention_s)
     assets = AssetStore(settings.jobs_dir)
     catalog = ExampleCatalog(SHIPPED_DIR, settings.promoted_examples_dir)
     for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
         if hasattr(backend, "start"):
             await backend.start()
+    sender = webhooks.WebhookSender(store, secret=settings.webhook_secret,
+                                    allow_private=settings.webhook_allow_private,
+                                    timeout_s=settings.webhook_timeout_s, backoff_s=settings.webhook_backoff_s)
+    lifecycle: Lifecycle | None = None
+
+    def job_ended(job_id: str) -> None:
+        sender.wake()
+        if lifecycle is not None:
+            lifecycle.job_ended(job_id)
+
     orchestrator = Orchestrator(store, assets, stages, image_concurrency=settings.image_concurrency,
                                 reconstruct_concurrency=settings.reconstruct_concurrency,
-                                max_running=settings.queue_max)
+                                max_running=settings.queue_max, on_end=job_ended)
+    lifecycle = Lifecycle(store, assets, orchestrator, sweep_interval_s=settings.sweep_interval_s)
     await orchestrator.start()
+    await sender.start()
+    await lifecycle.start()
     log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir,
              await asyncio.to_thread(store.count_active))
     # Everything loaded so far (BentoML, numpy, scikit-image, ...) lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
     gc.freeze()
-    return Runtime(settings, store, assets, catalog, stages, orchestrator)
+    return Runtime(settings, store, assets, catalog, stages, orchestrator, lifecycle, sender)
 
 
 async def _stop_runtime(runtime: Runtime) -> None:
+    await runtime.lifecycle.stop()
     await runtime.orchestrator.stop()
+    await runtime.webhooks.stop()
     stages = runtime.stages
     for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
         close = getattr(backend, "aclose", None) or getattr(backend, "close", None)
@@ -224,13 +263,10 @@ def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
                              progress=100, created_at=entry.created_at, prompt=entry.prompt)
 
 
-# The status object of API.md §2, field by field from the job (JobStatus documents it; the hot path does not
-# re-validate a row the store wrote).
-STATUS_FIELDS = tuple(schemas.JobStatus.model_fields)
-
-
-def status_body(job: Job) -> dict:
-    return {name: getattr(job, name) for name in STATUS_FIELDS}
+def status_body(runtime: Runtime, job: Job) -> dict:
+    """The status object of API.md §2, field by field from the job (JobStatus documents it; the hot path does not
+    re-validate a row the store wrote)."""
+    return runtime.store.status_of(job)
 
 
 async def _get_job(runtime: Runtime, job_id: str) -> Job | None:
@@ -245,21 +281,38 @@ def _install_routes(app: FastAPI) -> None:
     # The body is read by hand (413 while streaming, before it is all in memory), then validated by its model,
     # whose errors map to API.md's exact 400s.
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
-              responses=_errors(400, 413, 429, 503),
+              responses=_errors(400, 413, 422, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}}})
-    async def generate(request: Request) -> schemas.GenerateResponse:
+                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}},
+                  "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
+                                  "schema": {"type": "string", "maxLength": 255},
+                                  "description": "The same key and body within 24 hours return the same job_id "
+                                                 "and start nothing new (API.md §1)."}]})
+    async def generate(request: Request) -> Response:
         runtime = _runtime(request)
         body = _parse_generate(await _read_body(request))
+        key = _idempotency_key(request, body)
+        if body.callback_url is not None:
+            await _check_callback(runtime, body.callback_url)
         await _check_backends(runtime)
         try:
-            job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max)
+            submission = await asyncio.to_thread(runtime.store.submit, body.prompt,
+                                                 queue_max=runtime.settings.queue_max,
+                                                 callback_url=body.callback_url, idempotency=key)
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None
-        runtime.orchestrator.wake()
-        log.info("job %s queued", job.job_id)
-        return schemas.GenerateResponse(job_id=job.job_id, status=job.status)
+        except IdempotencyMismatch:
+            raise ApiError(422, IDEMPOTENCY_MISMATCH) from None
+        job = submission.job
+        if submission.replayed:
+            log.info("job %s: Idempotency-Key replayed, nothing new started", job.job_id)
+        else:
+            runtime.orchestrator.wake()
+            log.info("job %s queued", job.job_id)
+        # Stripe's header: this answer is the one given to the key's first request.
+        headers = {"Idempotent-Replayed": "true"} if submission.replayed else None
+        return JSONResponse({"job_id": job.job_id, "status": job.status.value}, headers=headers)
 
     # The hot path. This APIRoute documents it (the id's parameter by hand); a plain Starlette route with the
     # same endpoint serves it, see below.
@@ -274,7 +327,7 @@ def _install_routes(app: FastAPI) -> None:
         job = await _get_job(runtime, job_id)
         if job is None:
             raise ApiError(404, "Job not found")
-        return JSONResponse(status_body(job))
+        return JSONResponse(status_body(runtime, job))
 
     # Served by a plain Starlette route placed first: FastAPI's per-request machinery costs more than the lookup
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
@@ -307,6 +360,8 @@ def _install_routes(app: FastAPI) -> None:
             for ex in runtime.catalog.all()
         ])
 
+    _install_lifecycle_routes(app)
+
     # Unknown paths under /api answer in API.md's shape; a known path with another method is a 405.
     @app.api_route("/api", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"],
                    include_in_schema=False)
@@ -320,6 +375,132 @@ def _install_routes(app: FastAPI) -> None:
             if match is Match.PARTIAL:
                 raise ApiError(405, "Method not allowed")
         raise ApiError(404, "Not found")
+
+
+def _idempotency_key(request: Request, body: schemas.GenerateRequest) -> IdempotencyKey | None:
+    """The request's Idempotency-Key (Stripe's header), with the caller's scope and a hash of the request as
+    validated (so spacing or key order in the JSON does not make it another request)."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not 1 <= len(key) <= 255 or not all(0x20 <= ord(c) < 0x7F for c in key):
+        raise ApiError(400, IDEMPOTENCY_KEY_INVALID)
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return IdempotencyKey(scope_key(caller_scope(request)), key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+async def _check_callback(runtime: Runtime, url: str) -> None:
+    if runtime.settings.webhook_secret is None:
+        raise ApiError(503, webhooks.NOT_CONFIGURED)
+    try:
+        await webhooks.check_callback_url(url, runtime.settings.webhook_allow_private)
+    except webhooks.UnsafeCallback as exc:
+        raise ApiError(400, exc.message) from None
+
+
+def _encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at}|{job.job_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[str, str]:
+    try:
+        created_at, _, job_id = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode().partition("|")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ApiError(400, CURSOR_INVALID) from None
+    if not _CREATED_AT.fullmatch(created_at) or not is_job_id(job_id):
+        raise ApiError(400, CURSOR_INVALID)
+    return created_at, job_id
+
+
+def _limit(value: str | None) -> int:
+    if value is None:
+        return DEFAULT_LIMIT
+    if not value.isdigit() or not 1 <= int(value) <= MAX_LIMIT:
+        raise ApiError(400, LIMIT_INVALID)
+    return int(value)
+
+
+def _status_filter(value: str | None) -> Status | None:
+    if value is None:
+        return None
+    try:
+        return Status(value)
+    except ValueError:
+        raise ApiError(400, STATUS_INVALID) from None
+
+
+def _install_lifecycle_routes(app: FastAPI) -> None:
+    """API.md §5-§8: list, cancel, delete, live progress. Each route acts on the caller's jobs only
+    (pipeline.lifecycle.caller_scope)."""
+
+    @app.get("/api/jobs", response_model=schemas.JobList, responses=_errors(400))
+    async def list_jobs(
+        request: Request,
+        limit: str | None = Query(None, description=f"jobs per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT})"),
+        cursor: str | None = Query(None, description="the next_cursor of the previous page"),
+        status: str | None = Query(None, description="only jobs in this status: queued, processing, complete, "
+                                                     "error"),
+    ) -> Response:
+        runtime = _runtime(request)
+        size, wanted = _limit(limit), _status_filter(status)
+        before = _decode_cursor(cursor) if cursor is not None else None
+        found = await asyncio.to_thread(runtime.store.list_jobs, caller_scope(request), limit=size + 1,
+                                        before=before, status=wanted)
+        page = found[:size]
+        return JSONResponse({"jobs": [status_body(runtime, job) for job in page],
+                             "next_cursor": _encode_cursor(page[-1]) if len(found) > size else None})
+
+    @app.post("/api/jobs/{job_id}/cancel", response_model=schemas.JobStatus, responses=_errors(404, 409))
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        runtime = _runtime(request)
+        if is_example_id(job_id) and runtime.catalog.get(job_id) is not None:
+            raise ApiError(409, ALREADY_FINISHED)
+        outcome = await runtime.lifecycle.cancel(job_id, caller_scope(request)) if is_job_id(job_id) else None
+        if outcome is None:
+            raise ApiError(404, "Job not found")
+        if not outcome.accepted:
+            raise ApiError(409, ALREADY_FINISHED)
+        return JSONResponse(status_body(runtime, outcome.job))
+
+    @app.delete("/api/jobs/{job_id}", status_code=204, response_class=Response, responses=_errors(403, 404))
+    async def delete_job(job_id: str, request: Request) -> Response:
+        runtime = _runtime(request)
+        if is_example_id(job_id) and runtime.catalog.get(job_id) is not None:
+            raise ApiError(403, EXAMPLES_READ_ONLY)
+        if not (is_job_id(job_id) and await runtime.lifecycle.delete(job_id, caller_scope(request))):
+            raise ApiError(404, "Job not found")
+        return Response(status_code=204)
+
+    # Documented here; served by the plain route inserted below, ahead of /api/status/{job_id:path}, which would
+    # otherwise take ".../events" for an id.
+    @app.get("/api/status/{job_id}/events", response_class=Response, responses={
+        200: {"description": "Server-Sent Events: `status` per state change (data: the status object, id: the "
+                             "change's number), then `end`; Last-Event-ID resumes (API.md §8)",
+              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **_errors(404)})
+    async def events(job_id: str, request: Request) -> Response:
+        runtime = _runtime(request)
+        if is_example_id(job_id):
+            stream = fixed_events(json.dumps(_example_status(runtime, job_id).model_dump(mode="json")))
+        else:
+            if await _get_job(runtime, job_id) is None:
+                raise ApiError(404, "Job not found")
+            stream = job_events(runtime.store, job_id, last_event_id(request.headers.get("last-event-id")))
+        response = event_stream(stream, runtime.settings.sse_heartbeat_s)
+        if is_head(request.scope):  # HEAD: the headers alone (the stream would hold the request open)
+            return Response(status_code=200, headers=dict(response.headers))
+        return response
+
+    app.router.routes.insert(0, Route("/api/status/{job_id}/events", _served(events), methods=["GET"]))
+
+
+def _served(endpoint):
+    """A FastAPI endpoint with a path parameter `job_id`, as a plain Starlette endpoint."""
+
+    async def serve(request: Request) -> Response:
+        return await endpoint(request.path_params["job_id"], request)
+
+    return serve
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:

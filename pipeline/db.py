@@ -41,9 +41,64 @@ jobs = Table(
     Column("owner", Text),
     Column("lease_until", Float),
     Column("attempt", Integer, nullable=False, server_default=text("0")),
+    # The life cycle (pipeline/lifecycle.py): where the job's webhook goes and how its delivery stands (null, or
+    # pending, retrying, delivered, failed: pipeline/webhooks.py); a client's cancel request, which fences every
+    # later stage write; a deletion under way (the row is hidden until its files are gone); and the number of
+    # state changes so far, the id of the last one in `job_events`.
+    Column("callback_url", Text),
+    Column("webhook_status", String(16)),
+    Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
+    Column("deleting", Integer, nullable=False, server_default=text("0")),
+    Column("events", Integer, nullable=False, server_default=text("0")),
     # Queued and running jobs, oldest first: what the dispatcher scans and the queue bound counts.
     Index("jobs_active", "created_at", sqlite_where=text("status IN ('queued', 'processing')"),
           postgresql_where=text("status IN ('queued', 'processing')")),
+    # The list route's order (newest first, ties by id) and the sweeper's age scan.
+    Index("jobs_by_created", "created_at", "job_id"),
+)
+
+# One row per state change of a job, in order (`seq` is 1, 2, ...): the Server-Sent Events of
+# /api/status/{id}/events, which a client resumes from any of them with Last-Event-ID. `data` is the status object
+# (JSON) as it stood after the change. Written in the transaction that changes the job, so none is ever missed.
+job_events = Table(
+    "job_events",
+    metadata,
+    Column("job_id", String(8), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", Text, nullable=False),
+)
+
+# The outbox of webhooks (pipeline/webhooks.py): written in the transaction that ends the job, so a delivery is
+# never lost; sent, and retried until `give_up_at`, by whichever process claims it (a claim pushes
+# `next_attempt_at` past the send's timeout, so a sender that dies mid-send leaves it to another). The `payload`
+# is the exact body that is signed and sent, the same on every attempt, and so is `webhook_id`.
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("webhook_id", String(40), primary_key=True),
+    Column("job_id", String(8), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("state", String(16), nullable=False),  # pending, retrying, delivered, failed
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("created_at", Float, nullable=False),  # the database's clock, seconds since the epoch
+    Column("give_up_at", Float, nullable=False),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_error", Text),
+    Index("webhook_deliveries_due", "state", "next_attempt_at"),
+)
+
+# Idempotent submission (Idempotency-Key): one row per (caller's scope, key) for 24 hours, with a hash of the
+# request it answered and the job it made. The primary key makes two concurrent submissions of one key make one
+# job: the second insert fails and its caller reads the first one's row.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("scope", String(255), primary_key=True),  # "" in open mode
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),
+    Column("job_id", String(8), nullable=False),
+    Column("created_at", Float, nullable=False),  # the database's clock
 )
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

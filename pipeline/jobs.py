@@ -11,6 +11,7 @@ Every method is blocking (a short indexed statement or two): async callers run t
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import socket
@@ -18,12 +19,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from enum import Enum
+from functools import lru_cache
 
-from sqlalchemy import Connection, and_, bindparam, case, exc, func, insert, select, update
+from sqlalchemy import (Connection, and_, bindparam, case, delete, exc, func, insert, literal, or_, select, true,
+                        update)
 
-from pipeline.db import create_store_engine, db_now, jobs, migrate
+from pipeline.db import (create_store_engine, db_now, idempotency_keys, job_events, jobs, migrate,
+                         webhook_deliveries)
 from pipeline.storage import new_job_id
 
 
@@ -59,7 +63,41 @@ class QueueFull(Exception):
 
 
 class LeaseLost(Exception):
-    """The job was taken over by another owner (this one's lease lapsed), or it ended: this owner must stop."""
+    """The job was taken over by another owner (this one's lease lapsed), it ended, or a client asked to cancel it:
+    this owner must stop (and, for a cancel, fail the job)."""
+
+
+class IdempotencyMismatch(Exception):
+    """The Idempotency-Key was used, within its 24 hours, with another request body."""
+
+
+CANCELLED = "Cancelled by the client"
+# Stripe keeps an idempotency key for 24 hours; so do we (the key's row is swept after that).
+IDEMPOTENCY_TTL_S = 24 * 3600
+# A delivery is retried for 24 hours after the job ended (issue 15), then given up.
+WEBHOOK_WINDOW_S = 24 * 3600
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    """An Idempotency-Key as the store keeps it: the caller's scope ("" in open mode), the key, and a hash of the
+    request it came with."""
+
+    scope: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    job: Job
+    accepted: bool  # false: the job had finished already
+
+
+@dataclass(frozen=True)
+class Submission:
+    job: Job
+    replayed: bool  # the Idempotency-Key was seen before: this is the job it made then, and nothing new started
 
 
 @dataclass(frozen=True)
@@ -78,6 +116,11 @@ class Job:
     owner: str | None
     lease_until: float | None
     attempt: int
+    callback_url: str | None
+    webhook_status: str | None
+    cancel_requested: int
+    deleting: int
+    events: int
 
     @classmethod
     def from_row(cls, row) -> Job:
@@ -100,6 +143,11 @@ JOB_COLUMNS = [f.name for f in fields(Job)]
 def utc_now_iso() -> str:
     """API.md's timestamp form: UTC, microseconds, no zone suffix."""
     return datetime.now(timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
+
+
+def iso_of(epoch_s: float) -> str:
+    """Seconds since the epoch in API.md's timestamp form."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
 def process_owner_id() -> str:
@@ -126,24 +174,50 @@ def _at_least(column, value: int):
     return case((column < value, value), else_=column)
 
 
-def _fenced(lease: Lease):
-    return and_(jobs.c.job_id == lease.job_id, jobs.c.owner == lease.owner, jobs.c.attempt == lease.attempt,
+def _fenced(lease: Lease, *, cancellable: bool = True):
+    """The row `lease` may write. Once a client asked to cancel the job, no stage write goes through
+    (`cancellable`), only the owner's fail(): a cancel wins over a stage that finished at the same moment."""
+    held = and_(jobs.c.job_id == lease.job_id, jobs.c.owner == lease.owner, jobs.c.attempt == lease.attempt,
                 jobs.c.status == Status.processing.value)
+    return and_(held, jobs.c.cancel_requested == 0) if cancellable else held
+
+
+@lru_cache(maxsize=1)
+def _row_status_fields() -> tuple[str, ...]:
+    """The status object's fields that are the job's own columns (all but `expires_at`)."""
+    from pipeline.schemas import JobStatus  # schemas imports this module's enums
+
+    return tuple(name for name in JobStatus.model_fields if name != "expires_at")
+
+
+def _visible():
+    """Rows a client may see: a job being deleted is gone for clients at once."""
+    return jobs.c.deleting == 0
+
+
+def _in_scope(scope: str | None):
+    """The caller's jobs. None (open mode) is every job. The seam for API keys (issue 14): a key's scope will
+    filter on the job's owning key, which that issue adds."""
+    if scope is None:
+        return true()
+    raise NotImplementedError("caller scopes other than open mode come with API keys (issue 14)")
 
 
 class JobStore:
     """The job store on SQLAlchemy Core: `url` is an SQLAlchemy database URL (today the SQLite file
     `sqlite+pysqlite:////path/grok3d.db`). The schema is migrated to the newest revision on open."""
 
-    def __init__(self, url: str, *, lease_s: float = 60.0) -> None:
+    def __init__(self, url: str, *, lease_s: float = 60.0, retention_s: float | None = None) -> None:
         self.lease_s = lease_s
+        self.retention_s = retention_s  # GROK3D_RETENTION_DAYS in seconds; None keeps jobs forever
         self.engine = create_store_engine(url)
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in SQLite's busy handler
         # (1, 2, 5, ... 100 ms steps) rather than waking when it frees: writers of this process queue on a lock of
         # ours instead, and only other processes meet the busy handler.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         migrate(self.engine)
-        self._get = select(jobs).where(jobs.c.job_id == bindparam("job_id"))  # the status poll: one key lookup
+        # The status poll: one key lookup.
+        self._get = select(jobs).where(jobs.c.job_id == bindparam("job_id"), _visible())
 
     def close(self) -> None:
         self.engine.dispose()
@@ -161,23 +235,59 @@ class JobStore:
 
     # -- writes ---------------------------------------------------------------------------------------------
 
-    def create(self, prompt: str, *, queue_max: int) -> Job:
+    def create(self, prompt: str, *, queue_max: int, callback_url: str | None = None) -> Job:
         """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull)."""
+        return self.submit(prompt, queue_max=queue_max, callback_url=callback_url).job
+
+    def submit(self, prompt: str, *, queue_max: int, callback_url: str | None = None,
+               idempotency: IdempotencyKey | None = None) -> Submission:
+        """Insert a queued job (see `create`). With an idempotency key seen in the last 24 hours, the job it made
+        then instead, and nothing new (IdempotencyMismatch when it came with another request). Two concurrent
+        submissions of one key make one job: the key's row is written in the job's transaction under a primary
+        key, so the later one fails, goes round again and finds the earlier one's job."""
         now = utc_now_iso()
         for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
             values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
-                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now)
+                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now,
+                          callback_url=callback_url, events=1)
             try:
                 with self._write() as conn:
+                    if idempotency is not None and (earlier := self._replay(conn, idempotency)) is not None:
+                        return Submission(earlier, replayed=True)
                     active = conn.execute(select(func.count()).select_from(jobs)
                                           .where(jobs.c.status.in_(ACTIVE))).scalar_one()
                     if active >= queue_max:
                         raise QueueFull()
-                    row = conn.execute(insert(jobs).values(**values).returning(*jobs.c)).one()
-                return Job.from_row(row)
+                    job = self._logged(conn, conn.execute(insert(jobs).values(**values).returning(*jobs.c)).one())
+                    if idempotency is not None:
+                        conn.execute(insert(idempotency_keys).values(
+                            scope=idempotency.scope, key=idempotency.key, request_hash=idempotency.request_hash,
+                            job_id=job.job_id, created_at=db_now()))
+                return Submission(job, replayed=False)
             except exc.IntegrityError:
                 continue
         raise RuntimeError("could not allocate a unique job id")
+
+    def _replay(self, conn: Connection, key: IdempotencyKey) -> Job | None:
+        """The job an idempotency key made within its 24 hours, if any; an older row of the key is dropped."""
+        same_key = and_(idempotency_keys.c.scope == key.scope, idempotency_keys.c.key == key.key)
+        conn.execute(delete(idempotency_keys).where(same_key,
+                                                    idempotency_keys.c.created_at <= db_now() - IDEMPOTENCY_TTL_S))
+        row = conn.execute(select(idempotency_keys.c.request_hash, idempotency_keys.c.job_id)
+                           .where(same_key)).one_or_none()
+        if row is None:
+            return None
+        if row.request_hash != key.request_hash:
+            raise IdempotencyMismatch(key.key)
+        job = conn.execute(select(jobs).where(jobs.c.job_id == row.job_id)).one_or_none()
+        return Job.from_row(job) if job is not None else None
+
+    def _logged(self, conn: Connection, row) -> Job:
+        """Record the state change that produced `row` (its `events` number is the change's id) in job_events."""
+        job = Job.from_row(row)
+        conn.execute(insert(job_events).values(job_id=job.job_id, seq=job.events,
+                                               data=json.dumps(self.status_of(job))))
+        return job
 
     def claim(self, owner: str, *, exclude: set[str] = frozenset()) -> Job | None:
         """Take the oldest runnable job: queued, or processing with a lapsed lease or an owner that died on this
@@ -199,11 +309,12 @@ class JobStore:
                     .where(jobs.c.job_id == job_id, jobs.c.attempt == attempt, same_holder,
                            jobs.c.status.in_(ACTIVE))
                     .values(owner=owner, lease_until=db_now() + self.lease_s, attempt=attempt + 1,
-                            status=Status.processing.value, progress=_at_least(jobs.c.progress, 5), updated_at=utc_now_iso())
+                            status=Status.processing.value, progress=_at_least(jobs.c.progress, 5), updated_at=utc_now_iso(),
+                            events=jobs.c.events + 1)
                     .returning(*jobs.c)
                 ).one_or_none()
-            if row is not None:
-                return Job.from_row(row)
+                if row is not None:
+                    return self._logged(conn, row)
         return None
 
     def renew_leases(self, owner: str) -> dict[str, int]:
@@ -217,36 +328,124 @@ class JobStore:
 
     def advance(self, lease: Lease, stage: Stage, progress: int, **fields: str | None) -> None:
         """Move a running job forward: `stage` is the stored one or a later one, and progress never decreases (a
-        lower value keeps the stored one). Raises LeaseLost when `lease` no longer holds, ValueError when `stage`
-        lies behind the stored stage."""
+        lower value keeps the stored one). Raises LeaseLost when `lease` no longer holds (or a cancel was asked),
+        ValueError when `stage` lies behind the stored stage. A write that changes nothing is no state change."""
         with self._write() as conn:
-            done = conn.execute(
-                update(jobs).where(_fenced(lease), jobs.c.stage.in_(stages_up_to(stage)))
-                .values(stage=stage.value, progress=_at_least(jobs.c.progress, progress), updated_at=utc_now_iso(),
-                        **fields)
-            ).rowcount
-            if done == 1:
+            current = conn.execute(select(jobs.c.stage, jobs.c.progress).where(_fenced(lease))).one_or_none()
+            if current is None:
+                raise LeaseLost(lease.job_id)
+            if current.stage not in stages_up_to(stage):
+                raise ValueError(f"job {lease.job_id} would move back from {current.stage} to {stage.value}")
+            if current.stage == stage.value and current.progress >= progress and not fields:
                 return
-            current = conn.execute(select(jobs.c.stage).where(_fenced(lease))).scalar_one_or_none()
-        if current is None:
-            raise LeaseLost(lease.job_id)
-        raise ValueError(f"job {lease.job_id} would move back from {current} to {stage.value}")
+            row = conn.execute(
+                update(jobs).where(_fenced(lease))
+                .values(stage=stage.value, progress=_at_least(jobs.c.progress, progress), updated_at=utc_now_iso(),
+                        events=jobs.c.events + 1, **fields)
+                .returning(*jobs.c)
+            ).one()
+            self._logged(conn, row)
 
     def finish(self, lease: Lease) -> None:
-        self._end(lease, Status.complete, Stage.complete, 100, None)
+        self._end(_fenced(lease), Status.complete, Stage.complete, 100, None, lease.job_id)
 
     def fail(self, lease: Lease, error: str) -> None:
-        self._end(lease, Status.error, Stage.error, 0, error)
+        """Fenced by the lease, and allowed after a cancel request: how a cancelled job ends."""
+        self._end(_fenced(lease, cancellable=False), Status.error, Stage.error, 0, error, lease.job_id)
 
-    def _end(self, lease: Lease, status: Status, stage: Stage, progress: int, error: str | None) -> None:
+    def _end(self, where, status: Status, stage: Stage, progress: int, error: str | None, job_id: str) -> None:
         with self._write() as conn:
-            done = conn.execute(
-                update(jobs).where(_fenced(lease))
-                .values(status=status.value, stage=stage.value, progress=progress, error=error, owner=None,
-                        lease_until=None, updated_at=utc_now_iso())
-            ).rowcount
-        if done != 1:
-            raise LeaseLost(lease.job_id)
+            if self._end_in(conn, where, status, stage, progress, error) is None:
+                raise LeaseLost(job_id)
+
+    def _end_in(self, conn: Connection, where, status: Status, stage: Stage, progress: int,
+                error: str | None) -> Job | None:
+        """End the job `where` selects, in `conn`'s transaction; with a callback_url, its webhook goes into the
+        outbox in the same transaction, so the delivery exists exactly when the end does."""
+        row = conn.execute(
+            update(jobs).where(where)
+            .values(status=status.value, stage=stage.value, progress=progress, error=error, owner=None,
+                    lease_until=None, updated_at=utc_now_iso(), events=jobs.c.events + 1,
+                    webhook_status=case((jobs.c.callback_url.is_not(None), literal("pending")), else_=None))
+            .returning(*jobs.c)
+        ).one_or_none()
+        if row is None:
+            return None
+        job = self._logged(conn, row)
+        if job.callback_url is not None:
+            now = db_now()
+            conn.execute(insert(webhook_deliveries).values(
+                webhook_id="msg_" + secrets.token_hex(12), job_id=job.job_id, url=job.callback_url,
+                payload=json.dumps(self.status_of(job)), state="pending", attempts=0, created_at=now,
+                give_up_at=now + WEBHOOK_WINDOW_S, next_attempt_at=now))
+        return job
+
+    # -- the life cycle: cancel, delete ---------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str, scope: str | None = None) -> CancelOutcome | None:
+        """A client's cancel: a queued job ends at once (error, CANCELLED) and never starts; a running one is
+        flagged, which fences its owner's stage writes, and its owner fails it when it notices (at once when the
+        owner is this process, else within its lease loop's period). None when there is no such job; a finished
+        job is left as it is (`accepted` false). `scope`: the caller's (pipeline.lifecycle.caller_scope)."""
+        mine = and_(jobs.c.job_id == job_id, _visible(), _in_scope(scope))
+        with self._write() as conn:
+            job = self._end_in(conn, and_(mine, jobs.c.status == Status.queued.value), Status.error, Stage.error, 0,
+                               CANCELLED)
+            if job is not None:
+                return CancelOutcome(job, accepted=True)
+            row = conn.execute(update(jobs).where(mine, jobs.c.status == Status.processing.value)
+                               .values(cancel_requested=1).returning(*jobs.c)).one_or_none()
+            if row is not None:
+                return CancelOutcome(Job.from_row(row), accepted=True)
+            row = conn.execute(select(jobs).where(mine)).one_or_none()
+        return CancelOutcome(Job.from_row(row), accepted=False) if row is not None else None
+
+    def mark_deleting(self, job_id: str, scope: str | None = None) -> Job | None:
+        """Hide the job from clients for good, before its files go (see `purge`); None when there is none."""
+        with self._write() as conn:
+            row = conn.execute(update(jobs).where(jobs.c.job_id == job_id, _visible(), _in_scope(scope))
+                               .values(deleting=1, cancel_requested=1).returning(*jobs.c)).one_or_none()
+        return Job.from_row(row) if row is not None else None
+
+    def mark_expired(self, limit: int = 500) -> int:
+        """Mark up to `limit` finished jobs older than the retention for deletion (their webhooks settled first);
+        returns how many. Marking first, then removing files, then rows, leaves nothing behind after a crash."""
+        if self.retention_s is None:
+            return 0
+        with self._read() as conn:
+            now_s = conn.execute(select(db_now())).scalar_one()
+        cutoff = iso_of(now_s - self.retention_s)
+        expired = (select(jobs.c.job_id)
+                   .where(jobs.c.created_at < cutoff, jobs.c.status.not_in(ACTIVE), _visible(),
+                          or_(jobs.c.webhook_status.is_(None), jobs.c.webhook_status.in_(("delivered", "failed"))))
+                   .limit(limit).scalar_subquery())
+        with self._write() as conn:
+            return conn.execute(update(jobs).where(jobs.c.job_id.in_(expired)).values(deleting=1)).rowcount
+
+    def purgeable(self, limit: int = 500, job_id: str | None = None) -> list[str]:
+        """Jobs marked for deletion that nobody runs any more (of `job_id` alone, if given): their files, then
+        their rows, may go."""
+        query = select(jobs.c.job_id).where(jobs.c.deleting == 1, jobs.c.status.not_in(ACTIVE))
+        if job_id is not None:
+            query = query.where(jobs.c.job_id == job_id)
+        with self._read() as conn:
+            return list(conn.execute(query.order_by(jobs.c.job_id).limit(limit)).scalars())
+
+    def drop(self, job_id: str) -> bool:
+        """Delete a purgeable job's rows (call after its files are gone): the job, its events, its webhook
+        deliveries and its idempotency keys."""
+        with self._write() as conn:
+            done = conn.execute(delete(jobs).where(jobs.c.job_id == job_id, jobs.c.deleting == 1,
+                                                   jobs.c.status.not_in(ACTIVE))).rowcount
+            if done:
+                for table in (job_events, webhook_deliveries, idempotency_keys):
+                    conn.execute(delete(table).where(table.c.job_id == job_id))
+        return bool(done)
+
+    def drop_expired_keys(self) -> int:
+        with self._write() as conn:
+            return conn.execute(delete(idempotency_keys)
+                                .where(idempotency_keys.c.created_at <= db_now() - IDEMPOTENCY_TTL_S)).rowcount
 
     # -- reads ----------------------------------------------------------------------------------------------
 
@@ -254,6 +453,65 @@ class JobStore:
         with self._read() as conn:
             row = conn.execute(self._get, {"job_id": job_id}).one_or_none()
         return Job.from_row(row) if row is not None else None
+
+    def status_of(self, job: Job) -> dict:
+        """The status object of API.md §2: the job's fields by name, and when the job expires."""
+        body = {name: getattr(job, name) for name in _row_status_fields()}
+        body["expires_at"] = self.expires_at(job.created_at)
+        return body
+
+    def expires_at(self, created_at: str) -> str | None:
+        """When the sweeper may remove a job made at `created_at` (API.md's form), or None: kept forever. Derived,
+        not stored, so a new GROK3D_RETENTION_DAYS applies to every job at once."""
+        if self.retention_s is None:
+            return None
+        return (datetime.fromisoformat(created_at) + timedelta(seconds=self.retention_s)).isoformat(
+            timespec="microseconds")
+
+    def list_jobs(self, scope: str | None, *, limit: int, before: tuple[str, str] | None = None,
+             status: Status | None = None) -> list[Job]:
+        """The caller's jobs, newest first (ties by id), after the cursor `before` (created_at, job_id) of the
+        previous page: a keyset, so jobs inserted meanwhile (newer) never shift a later page."""
+        query = select(jobs).where(_visible(), _in_scope(scope))
+        if status is not None:
+            query = query.where(jobs.c.status == status.value)
+        if before is not None:
+            created_at, job_id = before
+            query = query.where(or_(jobs.c.created_at < created_at,
+                                    and_(jobs.c.created_at == created_at, jobs.c.job_id < job_id)))
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(jobs.c.created_at.desc(), jobs.c.job_id.desc()).limit(limit)).all()
+        return [Job.from_row(row) for row in rows]
+
+    def events_after(self, job_id: str, seq: int) -> list[tuple[int, str]]:
+        """The job's state changes after `seq`, in order: (id, status object as JSON)."""
+        with self._read() as conn:
+            return [tuple(row) for row in conn.execute(
+                select(job_events.c.seq, job_events.c.data)
+                .where(job_events.c.job_id == job_id, job_events.c.seq > seq).order_by(job_events.c.seq))]
+
+    def cancel_requests(self, owner: str) -> set[str]:
+        """The jobs `owner` runs that a client asked to cancel (the lease loop's check, for cancels that arrive
+        at another process)."""
+        with self._read() as conn:
+            return set(conn.execute(select(jobs.c.job_id).where(
+                jobs.c.owner == owner, jobs.c.status == Status.processing.value, jobs.c.cancel_requested == 1)
+            ).scalars())
+
+    def existing(self, job_ids: list[str]) -> set[str]:
+        """Which of `job_ids` have a row (hidden ones too): the orphan scan's question."""
+        found: set[str] = set()
+        with self._read() as conn:
+            for start in range(0, len(job_ids), 500):
+                found.update(conn.execute(select(jobs.c.job_id).where(
+                    jobs.c.job_id.in_(job_ids[start:start + 500]))).scalars())
+        return found
+
+    def cancel_asked(self, lease: Lease) -> bool:
+        """Whether `lease` still holds its job and a client asked to cancel it."""
+        with self._read() as conn:
+            return conn.execute(select(jobs.c.job_id).where(_fenced(lease, cancellable=False),
+                                                            jobs.c.cancel_requested == 1)).first() is not None
 
     def holds(self, lease: Lease) -> bool:
         """Whether `lease` still holds: checked before a stage publishes a file."""

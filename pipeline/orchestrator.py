@@ -10,6 +10,13 @@ taken over changes nothing and raises `LeaseLost`. The lease loop notices a lost
 returns the job) and cancels that job's task, so a process that stalled past its lease stops working on the job
 instead of racing the new owner; a stage also checks the lease right before it publishes a file.
 
+A client's cancel (pipeline/lifecycle.py) reaches the job's task the same way: at once when it arrives at this
+process (`cancel`), else through the lease loop, which also asks the store for cancel requests of the jobs it runs.
+The task is cancelled wherever it waits (the xAI call, the TripoSR batch, the Blender conversion, whose worker the
+pool kills and replaces), and the job ends as `error` with "Cancelled by the client" through the fenced `fail`, the
+one write the store still takes from its owner once a cancel is asked. Files being written when the cancel comes
+are finished first, so nothing of the job is written after it ended.
+
 Store calls are blocking, so they run in a thread: the event loop serves requests meanwhile.
 """
 
@@ -24,7 +31,7 @@ from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
-from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
+from pipeline.jobs import CANCELLED, Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
 from pipeline.retry import RetryPolicy
 from pipeline.stages import ModelState, Stages
 from pipeline.storage import Asset, AssetStore, publish, temp_path_for
@@ -54,6 +61,7 @@ class Orchestrator:
         retries: int = 3,
         retry_backoff_s: float = 2.0,
         model_wait_s: float = 1.0,
+        on_end: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.assets = assets
@@ -68,6 +76,8 @@ class Orchestrator:
         self._model_wait_s = model_wait_s
         self._running: dict[str, tuple[Lease, asyncio.Task[None]]] = {}
         self._lost: set[str] = set()  # jobs cancelled here because another owner took them over
+        self._cancelled: set[str] = set()  # jobs cancelled here because a client asked
+        self._on_end = on_end  # told the id of each job that ended here (its webhook is due)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
 
@@ -115,6 +125,20 @@ class Orchestrator:
     def _forget(self, job_id: str) -> None:
         self._running.pop(job_id, None)
         self._lost.discard(job_id)
+        self._cancelled.discard(job_id)
+
+    def cancel(self, job_id: str) -> asyncio.Task[None] | None:
+        """Stop a job this process runs, for a client's cancel (already recorded in the store); its task, to await
+        the end, or None when the job does not run here."""
+        entry = self._running.get(job_id)
+        if entry is None:
+            return None
+        _, task = entry
+        if not task.done() and job_id not in self._cancelled:
+            log.info("job %s: cancelled by the client", job_id)
+            self._cancelled.add(job_id)
+            task.cancel(msg="cancelled by the client")
+        return task
 
     async def _lease_loop(self) -> None:
         while True:
@@ -122,6 +146,8 @@ class Orchestrator:
             if self._running:
                 held = await self._db(self.store.renew_leases, self.owner)
                 self._stop_lost(held)
+                for job_id in await self._db(self.store.cancel_requests, self.owner):
+                    self.cancel(job_id)
 
     def _stop_lost(self, held: dict[str, int]) -> None:
         """Cancel the jobs whose lease this owner no longer holds (taken over while this process stalled)."""
@@ -140,6 +166,9 @@ class Orchestrator:
                  job.stage.value)
         self.assets.remove_temporaries(jid)
         stage = Stage.initializing
+        if job.cancel_requested:  # asked before this claim (its former owner died, or it was being deleted)
+            await self._fail(lease, CANCELLED)
+            return
         try:
             stage = Stage.generating_image
             if not (self.assets.has(jid, Asset.image) and self.assets.has(jid, Asset.input)):
@@ -153,12 +182,21 @@ class Orchestrator:
             if not self.assets.has(jid, Asset.usdz):
                 await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
             await self._db(self.store.finish, lease)
+            self._ended(jid)
             log.info("job %s complete", jid)
         except asyncio.CancelledError:
+            if jid in self._cancelled:
+                await self._fail(lease, CANCELLED)
+                log.info("job %s cancelled by the client in %s", jid, stage.value)
+                return
             if jid not in self._lost:  # a lost lease was logged where it was found
                 log.info("job %s interrupted in %s; it resumes after a restart", jid, stage.value)
             raise
         except LeaseLost:
+            if await self._db(self.store.cancel_asked, lease):  # the cancel fenced a stage write
+                await self._fail(lease, CANCELLED)
+                log.info("job %s cancelled by the client in %s", jid, stage.value)
+                return
             log.warning("job %s: lease of attempt %d lost to another owner in %s; its work here stops", jid,
                         lease.attempt, stage.value)
         except StageError as exc:
@@ -174,6 +212,12 @@ class Orchestrator:
         except LeaseLost:
             log.warning("job %s: lease lost before its failure could be recorded; the new owner decides",
                         lease.job_id)
+            return
+        self._ended(lease.job_id)
+
+    def _ended(self, job_id: str) -> None:
+        if self._on_end is not None:
+            self._on_end(job_id)
 
     async def _timed(
         self,
@@ -197,7 +241,7 @@ class Orchestrator:
         """Write a job's file, if this owner still holds the job: a stale owner never overwrites the new one's."""
         if not await self._db(self.store.holds, lease):
             raise LeaseLost(lease.job_id)
-        await asyncio.to_thread(self.assets.write, lease.job_id, asset, data)
+        await _uninterrupted(asyncio.to_thread(self.assets.write, lease.job_id, asset, data))
 
     async def _image_stage(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
@@ -236,9 +280,21 @@ class Orchestrator:
             await self.stages.convert.convert(self.assets.path(job.job_id, Asset.glb), tmp)
             if not await self._db(self.store.holds, lease):
                 raise LeaseLost(job.job_id)
-            await asyncio.to_thread(publish, tmp, target)
+            await _uninterrupted(asyncio.to_thread(publish, tmp, target))
         finally:
             tmp.unlink(missing_ok=True)
+
+
+async def _uninterrupted(work: Awaitable[T]) -> T:
+    """`await work`, which a cancel does not cut short: a file write in a thread goes on after its awaiter is
+    cancelled, so the task waits for it before it ends (then the cancel goes on). Nothing is written after the job
+    ended, and a delete that follows the cancel finds every file."""
+    future = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        await asyncio.wait({future})
+        raise
 
 
 def _passing(exc: BaseException) -> bool:

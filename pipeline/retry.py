@@ -85,6 +85,15 @@ class RetryPolicy:
             multiplier=half_base, max=half_cap)
         return _RetryAfterOr(equal_jitter, self.max_retry_after_s)
 
+    def wait_s(self, retry_number: int, exc: BaseException | None = None) -> float:
+        """The wait before retry `retry_number` (1, 2, ...) after `exc`, by the same rules, for a caller that keeps
+        its retries itself (a durable schedule in a database, such as webhook deliveries) instead of looping here."""
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})  # type: ignore[arg-type]
+        state.attempt_number = retry_number
+        if exc is not None:
+            state.set_exception((type(exc), exc, exc.__traceback__))
+        return self.wait_strategy()(state)
+
     def retrying(self, retry_on: RetryOn, on_retry: OnRetry | None = None) -> AsyncRetrying:
         """A tenacity `AsyncRetrying` for this policy: call it with a coroutine function, or iterate it."""
         return AsyncRetrying(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -24,6 +26,18 @@ class Settings(BaseSettings):
     model_size_m: float = Field(0.5, alias="GROK3D_MODEL_SIZE_M", gt=0)
     cors_origins: str = Field("*", alias="GROK3D_CORS_ORIGINS")
     lease_s: float = Field(60.0, alias="GROK3D_LEASE_S", gt=0)
+    # BentoML's traffic timeout of the API service: a request that has not started its answer by then is a 504
+    # (bentoml_fixes.FirstByteTimeout: a stream that has started, such as the events route, runs on).
+    request_timeout_s: float = Field(60.0, alias="GROK3D_REQUEST_TIMEOUT_S", gt=0)
+
+    # The job life cycle (pipeline/lifecycle.py, pipeline/webhooks.py, pipeline/events.py).
+    retention_days: float | None = Field(None, alias="GROK3D_RETENTION_DAYS", gt=0)  # None: keep forever
+    sweep_interval_s: float = Field(600.0, alias="GROK3D_SWEEP_INTERVAL_S", gt=0)
+    webhook_secret: str | None = Field(None, alias="GROK3D_WEBHOOK_SECRET")
+    webhook_allow_private: bool = Field(False, alias="GROK3D_WEBHOOK_ALLOW_PRIVATE")
+    webhook_timeout_s: float = Field(10.0, alias="GROK3D_WEBHOOK_TIMEOUT_S", gt=0)
+    webhook_backoff_s: float = Field(5.0, alias="GROK3D_WEBHOOK_BACKOFF_S", gt=0)
+    sse_heartbeat_s: float = Field(15.0, alias="GROK3D_SSE_HEARTBEAT_S", gt=0)
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")
@@ -62,6 +76,27 @@ class Settings(BaseSettings):
             raise ValueError("GROK3D_BAKE_SIZE must be 0 (no baking) or at least 16")
         return value
 
+    @field_validator("retention_days", "webhook_secret", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _a_webhook_secret(cls, value: str | None) -> str | None:
+        """Standard Webhooks' form: `whsec_` and the key in base64 (24 to 64 bytes, as the specification says)."""
+        if value is None:
+            return None
+        value = value.strip()
+        try:
+            key = base64.b64decode(value.removeprefix("whsec_"), validate=True)
+        except (binascii.Error, ValueError):
+            key = b""
+        if not value.startswith("whsec_") or not 24 <= len(key) <= 64:
+            raise ValueError("GROK3D_WEBHOOK_SECRET must be whsec_ followed by 24 to 64 random bytes in base64, e.g. "
+                             "python -c \"import base64, os; print('whsec_' + base64.b64encode(os.urandom(32)).decode())\"")
+        return value
+
     @field_validator("xai_api_key")
     @classmethod
     def _blank_key_is_none(cls, value: str | None) -> str | None:
@@ -80,6 +115,10 @@ class Settings(BaseSettings):
     def store_url(self) -> str:
         """The job store's SQLAlchemy URL: the SQLite file in the data folder."""
         return sqlite_url(self.db_path)
+
+    @property
+    def retention_s(self) -> float | None:
+        return self.retention_days * 86400 if self.retention_days is not None else None
 
     @property
     def cors_origin_list(self) -> list[str]:

@@ -43,29 +43,36 @@ def _jpeg(prompt: str) -> bytes:
     return buf.getvalue()
 
 
+# Words of a prompt that the picture carries on to the later stages, as bytes after the image.
+MARKERS = (b"fail-3d", b"slow-3d", b"big-mesh")
+SLOW_S = 60.0  # a 'slow-image' or 'slow-3d' stage: long enough to be cancelled in
+
+
 class SleepyImage:
-    """Sleeps TEST_IMAGE_SLEEP_S, then draws a square; a prompt containing 'fail-image' fails the stage."""
+    """Sleeps TEST_IMAGE_SLEEP_S, then draws a square; a prompt containing 'fail-image' fails the stage,
+    'slow-image' makes it last a minute."""
 
     async def generate_image(self, prompt: str) -> bytes:
         _record("image")
-        await asyncio.sleep(_seconds("TEST_IMAGE_SLEEP_S"))
+        await asyncio.sleep(SLOW_S if "slow-image" in prompt else _seconds("TEST_IMAGE_SLEEP_S"))
         if "fail-image" in prompt:
             raise StageError("xAI rejected the prompt: test refusal.")
         if "crash-image" in prompt:
             raise RuntimeError("a bug in the image stage")
-        return _jpeg(prompt) + (b"fail-3d" if "fail-3d" in prompt else b"")
+        return _jpeg(prompt) + b"".join(marker for marker in MARKERS if marker.decode() in prompt)
 
 
 class CopyPrepare:
     async def prepare_image(self, jpeg: bytes) -> bytes:
         buf = io.BytesIO()
         Image.open(io.BytesIO(jpeg)).convert("RGB").save(buf, "PNG")
-        return buf.getvalue() + (b"fail-3d" if jpeg.endswith(b"fail-3d") else b"")
+        return buf.getvalue() + b"".join(marker for marker in MARKERS if marker in jpeg[-32:])
 
 
 class BoxReconstructor:
-    """A coloured box as GLB after TEST_3D_SLEEP_S. TEST_MODEL_LOAD_S: reports `loading` for that long after start;
-    TEST_MODEL=explode: status() raises (an unexpected error in the API)."""
+    """A coloured box as GLB after TEST_3D_SLEEP_S (a minute for 'slow-3d'; a 100k-face blob for 'big-mesh', slow
+    to bake). TEST_MODEL_LOAD_S: reports `loading` for that long after start; TEST_MODEL=explode: status() raises
+    (an unexpected error in the API)."""
 
     def __init__(self) -> None:
         self._ready_at = time.monotonic() + _seconds("TEST_MODEL_LOAD_S")
@@ -79,9 +86,14 @@ class BoxReconstructor:
 
     async def reconstruct(self, image_png: bytes) -> Reconstruction:
         _record("3d")
-        await asyncio.sleep(_seconds("TEST_3D_SLEEP_S"))
+        await asyncio.sleep(SLOW_S if b"slow-3d" in image_png[-32:] else _seconds("TEST_3D_SLEEP_S"))
         if b"fail-3d" in image_png:
             raise StageError("The 3D model could not be generated: test failure.")
+        if b"big-mesh" in image_png[-32:]:
+            from tests.blender_helpers.meshes import blob_mesh
+
+            mesh = blob_mesh(177)  # ~100k faces
+            return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:blob")
         mesh = trimesh.creation.box((0.5, 0.3, 0.4))
         mesh.visual.vertex_colors = np.tile([200, 30, 30, 255], (len(mesh.vertices), 1))
         return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:box")

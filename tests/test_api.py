@@ -339,8 +339,25 @@ def test_promote_a_finished_job_to_an_example(client, server, finished_job):
 
 def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     spec = client.get("/api/openapi.json").json()
-    assert "422" not in str(spec) and "HTTPValidationError" not in str(spec)
+    assert "HTTPValidationError" not in str(spec)
     generate = spec["paths"]["/api/generate"]["post"]
     assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
-    assert set(generate["responses"]) == {"200", "400", "413", "429", "503"}
+    assert "callback_url" in generate["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    assert set(generate["responses"]) == {"200", "400", "413", "422", "429", "503"}  # 422: Idempotency-Key reused
+    assert [p["name"] for p in generate["parameters"]] == ["Idempotency-Key"]
     assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
+    # The life cycle's routes (API.md §5-§8), with their errors and no 422.
+    assert set(spec["paths"]["/api/jobs"]["get"]["responses"]) == {"200", "400"}
+    assert {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]} == {"limit", "cursor", "status"}
+    assert set(spec["paths"]["/api/jobs/{job_id}/cancel"]["post"]["responses"]) == {"200", "404", "409"}
+    assert set(spec["paths"]["/api/jobs/{job_id}"]["delete"]["responses"]) == {"204", "403", "404"}
+    events = spec["paths"]["/api/status/{job_id}/events"]["get"]["responses"]
+    assert set(events) == {"200", "404"} and "text/event-stream" in events["200"]["content"]
+    assert "expires_at" in spec["components"]["schemas"]["JobStatus"]["properties"]
+
+
+def test_a_callback_url_without_a_webhook_secret_is_503(client):
+    r = client.post("/api/generate", json={"prompt": "a teapot", "callback_url": "https://192.0.43.10/x"})
+    assert_error(r, 503, "Webhooks are not configured: set GROK3D_WEBHOOK_SECRET")
+    assert_error(client.post("/api/generate", json={"prompt": "a teapot", "callback_url": 7}), 400,
+                 "callback_url must be an https URL")

@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -84,6 +85,24 @@ async def test_timeout_kills_and_replaces_the_worker(pool: BlenderPool, work: Pa
     [after] = pool.worker_pids()
     assert after != before
     assert (await pool.ping()).pid == after
+
+
+async def test_a_caller_that_gives_up_frees_its_worker_at_once(pool: BlenderPool, work: Path, glb_100k: Path,
+                                                               small_glb: Path) -> None:
+    """A cancelled job's conversion: the worker is killed before the caller's cancellation goes on (nothing it
+    writes lands afterwards), and a fresh worker serves the next request."""
+    [before] = pool.worker_pids()
+    running = asyncio.create_task(pool.convert_with_report(glb_100k, work / "abandoned.usdz", bake_size=4096))
+    await asyncio.sleep(0.5)  # into the bake, which would take ~7 s
+    began = time.monotonic()
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert time.monotonic() - began < 2.0
+    assert _gone(before)
+    assert not (work / "abandoned.usdz").exists()
+    report = await pool.convert_with_report(small_glb, work / "after-abandon.usdz")
+    assert report.pid != before and report.counts == EMPTY
 
 
 async def test_crashed_worker_fails_its_request_and_is_replaced(pool: BlenderPool, work: Path, glb_100k: Path,

@@ -169,3 +169,63 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(server, tmp_path):
     result = grok3d("generate", "a teapot", "-o", str(blocker / "models"), server=server.url)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith("grok3d: ") and str(blocker) in result.stderr
+
+
+def test_jobs_cancel_and_delete(server, tmp_path):
+    with httpx.Client(base_url=server.url) as client:
+        done = client.post("/api/generate", json={"prompt": "a listed chair"}).json()["job_id"]
+        wait_job(client, done)
+        running = client.post("/api/generate", json={"prompt": "slow-3d chair"}).json()["job_id"]
+    listed = grok3d("jobs", "--limit", "100", server=server.url)
+    assert listed.returncode == 0, listed.stderr
+    rows = listed.stdout.splitlines()
+    assert rows[0].split()[0] == running and any(r.startswith(done) and "a listed chair" in r for r in rows)
+    as_json = json.loads(grok3d("jobs", "--json", "--limit", "1", server=server.url).stdout)
+    assert len(as_json["jobs"]) == 1 and as_json["next_cursor"]
+    nxt = grok3d("jobs", "--limit", "1", "--cursor", as_json["next_cursor"], server=server.url)
+    assert nxt.returncode == 0 and nxt.stdout.split()[0] != running
+
+    cancelled = grok3d("cancel", running, server=server.url)
+    assert cancelled.returncode == 0 and cancelled.stdout.strip() == f"job {running} cancelled", cancelled.stderr
+    assert_one_line_error(grok3d("cancel", done, server=server.url), 1, "The job has already finished")
+    deleted = grok3d("delete", done, server=server.url)
+    assert deleted.returncode == 0 and deleted.stdout.strip() == f"job {done} deleted"
+    assert_one_line_error(grok3d("status", done, server=server.url), 1, "Job not found")
+    assert_one_line_error(grok3d("delete", "ex_mars-habitat", server=server.url), 1, "Examples cannot be deleted")
+
+
+def test_generate_follows_server_sent_events_and_polls_when_they_break():
+    """follow_job on a stand-in for the API: the stream carries the job to its end with no poll; a stream that
+    breaks is resumed from its last id, and after STREAM_RETRIES breaks the job is polled."""
+    from grok3d_cli import main
+    from grok3d_cli.client import Event, StreamBroken
+    from grok3d_cli.progress import ProgressBar
+
+    def state(stage, progress, status="processing"):
+        return {"job_id": "0badc0de", "status": status, "stage": stage, "progress": progress}
+
+    class Streaming:
+        def __init__(self, breaks: int) -> None:
+            self.breaks, self.resumed_from, self.polls = breaks, [], 0
+
+        def events(self, job_id, last_event_id=None):
+            self.resumed_from.append(last_event_id)
+            yield Event("status", "1", state("generating_image", 10))
+            if self.breaks:
+                self.breaks -= 1
+                raise StreamBroken("connection reset")
+            yield Event("status", "2", state("complete", 100, "complete"))
+            yield Event("end", "2", state("complete", 100, "complete"))
+
+        def status(self, job_id):
+            self.polls += 1
+            return state("complete", 100, "complete")
+
+    import io
+    quiet = ProgressBar(io.StringIO())
+    api = Streaming(breaks=1)
+    assert main.follow_job(api, "0badc0de", 60, quiet)["status"] == "complete"
+    assert api.resumed_from == [None, "1"] and api.polls == 0
+    api = Streaming(breaks=99)
+    assert main.follow_job(api, "0badc0de", 60, quiet)["status"] == "complete"
+    assert len(api.resumed_from) == 1 + main.STREAM_RETRIES and api.polls == 1

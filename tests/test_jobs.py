@@ -120,9 +120,9 @@ def test_a_taken_over_lease_fences_every_write_of_the_old_owner(tmp_path):
 
 def test_the_job_is_written_down_once():
     """The table is the definition: Job is its row field for field, and the status object is made of Job's
-    fields (with the same names)."""
+    fields (with the same names), but for `expires_at`, derived from created_at and the retention."""
     assert [f.name for f in dataclasses.fields(Job)] == list(jobs.c.keys())
-    assert set(schemas.JobStatus.model_fields) <= set(jobs.c.keys())
+    assert set(schemas.JobStatus.model_fields) - {"expires_at"} <= set(jobs.c.keys())
 
 
 def test_a_data_folder_made_by_the_seed_is_migrated_in_place(tmp_path):
@@ -289,3 +289,27 @@ async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(
     image = Image.open(AssetStore(jobs_dir).path(job.job_id, Asset.image)).convert("RGB")
     assert image.getpixel((16, 16))[0] > 200  # the second one's picture, not the first one's
     assert first_model.calls == 0 and second_model.calls == 1  # the job completed exactly once
+
+
+def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path):
+    from pipeline.jobs import CANCELLED
+    from pipeline.lifecycle import Lifecycle
+
+    store = open_store(tmp_path / "grok3d.db", retention_s=3600)
+    assets = AssetStore(tmp_path / "jobs")
+    job = store.create("x", queue_max=10)
+    outcome = store.request_cancel(job.job_id)
+    assert outcome.accepted and (outcome.job.status, outcome.job.error) == (Status.error, CANCELLED)
+    assert store.claim("h:1:a") is None  # it never starts
+    assert not store.request_cancel(job.job_id).accepted  # finished now
+
+    # A delete that crashed after hiding the job, with its files still there: the next sweep finishes it.
+    assets.write(job.job_id, Asset.image, b"jpeg")
+    assert store.mark_deleting(job.job_id) is not None
+    assert store.get(job.job_id) is None and store.list_jobs(None, limit=10) == []
+    # A folder whose row is gone (a crash of an older version, a hand): the sweep removes it too.
+    (tmp_path / "jobs" / "0ddba11a").mkdir()
+    report = Lifecycle(store, assets, orchestrator=None).sweep()  # type: ignore[arg-type]
+    assert (report.purged, report.orphans) == (1, 1)
+    assert list((tmp_path / "jobs").iterdir()) == [] and store.existing([job.job_id]) == set()
+    assert Lifecycle(store, assets, orchestrator=None).sweep() == report.__class__(0, 0, 0, 0)  # type: ignore[arg-type]

@@ -152,6 +152,18 @@ def test_job_shows_progress_advancing_then_the_model(tab, server):
     assert tab.dimensions() == pytest.approx([0.5, 0.3, 0.4], abs=1e-4)
     status = httpx.get(f"{server.url}/api/status/{job_id}").json()
     assert status["status"] == "complete"
+    # Followed over Server-Sent Events: one stream, and no status poll.
+    assert [u for u in tab.requests if f"/api/status/{job_id}" in u] == [f"{server.url}/api/status/{job_id}/events"]
+
+
+def test_a_broken_event_stream_falls_back_to_polling(tab, server):
+    tab.page.route("**/events", lambda route: route.abort("connectionreset"))
+    tab.page.fill("#prompt", "a blue teapot")
+    tab.page.press("#prompt", "Enter")
+    tab.page.wait_for_selector("#result:not([hidden])")
+    job_id = tab.page.evaluate("location.hash").removeprefix("#job=")
+    assert tab.text("#result-title") == "a blue teapot"
+    assert f"{server.url}/api/status/{job_id}" in tab.requests  # polled
 
 
 def test_job_error_is_shown_in_words(tab):

@@ -1,4 +1,5 @@
-// The grok3d demo page: submit a prompt, follow the job through /api/status, show the model in <model-viewer>.
+// The grok3d demo page: submit a prompt, follow the job (Server-Sent Events from /api/status/ID/events, polling
+// /api/status/ID when they break), show the model in <model-viewer>.
 // Plain JavaScript with no build step: the server sends this file as it is.
 
 const POLL_MS = 500;
@@ -107,9 +108,58 @@ function startAction(jobId) {
   return currentAction;
 }
 
-// Poll the job until it ends or another action takes over. A lost connection is retried, not fatal: the job
-// goes on in the server whether or not this page is watching.
+// Show a job's state; true once it has ended (its model or its error is shown).
+function showJob(jobId, job) {
+  clearError();
+  if (job.status === "complete") {
+    hideProgress();
+    showResult(jobId, job.prompt);
+    return true;
+  }
+  if (job.status === "error") {
+    hideProgress();
+    showError(job.error || "The job failed.");
+    return true;
+  }
+  const words = STAGE_WORDS[job.status === "queued" ? "queued" : job.stage] || job.stage;
+  showProgress(job.progress, words);
+  return false;
+}
+
+// Follow the job over Server-Sent Events (API.md §8): one event per state change, then `end`. Resolves true when
+// the job's end was shown or another action took over, false when the stream broke (or never opened: a 404 too),
+// so the caller polls, which says in words what went wrong.
+function followEvents(jobId, action) {
+  return new Promise((resolve) => {
+    if (typeof EventSource === "undefined") {
+      resolve(false);
+      return;
+    }
+    const source = new EventSource(`/api/status/${encodeURIComponent(jobId)}/events`);
+    let settled = false;
+    const settle = (outcome) => {
+      if (settled) return;
+      settled = true;
+      source.close();
+      resolve(outcome);
+    };
+    const onState = (event) => {
+      if (action !== currentAction) {
+        settle(true);
+        return;
+      }
+      if (showJob(jobId, JSON.parse(event.data))) settle(true);
+    };
+    source.addEventListener("status", onState);
+    source.addEventListener("end", onState);
+    source.addEventListener("error", () => settle(false));
+  });
+}
+
+// Follow the job until it ends or another action takes over: over its event stream, else by polling. A lost
+// connection is retried, not fatal: the job goes on in the server whether or not this page is watching.
 async function follow(jobId, action) {
+  if (await followEvents(jobId, action)) return;
   while (action === currentAction) {
     let job;
     try {
@@ -126,19 +176,7 @@ async function follow(jobId, action) {
       continue;
     }
     if (action !== currentAction) return;
-    clearError();
-    if (job.status === "complete") {
-      hideProgress();
-      showResult(jobId, job.prompt);
-      return;
-    }
-    if (job.status === "error") {
-      hideProgress();
-      showError(job.error || "The job failed.");
-      return;
-    }
-    const words = STAGE_WORDS[job.status === "queued" ? "queued" : job.stage] || job.stage;
-    showProgress(job.progress, words);
+    if (showJob(jobId, job)) return;
     await sleep(POLL_MS);
   }
 }

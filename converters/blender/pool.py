@@ -1,5 +1,9 @@
 """An asyncio pool of long-lived Blender worker processes: bounded queue, per-request timeout, restart on crash.
 
+A caller that gives up (its task is cancelled: a client cancelled the job) frees its worker at once: the worker is
+killed, the caller's cancellation goes on once it is dead (so nothing it was writing lands afterwards), and a fresh
+worker takes the slot, as after a timeout.
+
 This module runs in the service's interpreter and never imports bpy: each worker is a separate Blender Python
 (`converters/blender/worker.py`) talking JSON lines over a socket pair, one request at a time. Blender's own
 output (stdout and stderr) is drained into this module's logger at debug level.
@@ -56,6 +60,8 @@ class _Request:
     op: str
     payload: dict[str, Any]
     future: asyncio.Future[WorkerReport] = field(repr=False)
+    started: bool = False  # a worker has it
+    released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # no worker works on it any more
 
 
 class _Worker:
@@ -249,7 +255,15 @@ class BlenderPool:
             self._queue.put_nowait(request)
         except asyncio.QueueFull:
             raise StageError("The converter is busy (too many conversions queued), retry later.", retryable=True) from None
-        return await request.future
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # The caller gave up (the future is cancelled with it). A queued request is skipped; a running one's
+            # worker is killed by its runner: wait for that, so its output cannot land after the caller moved on.
+            if request.started:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(request.released.wait(), 2 * CLOSE_GRACE_S)
+            raise
 
     async def _spawn(self) -> _Worker:
         assert self._tmp_root
@@ -290,18 +304,37 @@ class BlenderPool:
                 self._slots[slot] = None
                 return exc
         message = {"id": next(self._ids), "op": request.op, **request.payload}
+        request.started = True
+        ask = asyncio.ensure_future(worker.ask(message))
         try:
-            reply = await asyncio.wait_for(worker.ask(message), self.timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("Blender worker %d timed out after %.0f s on %s; replacing it", worker.pid, self.timeout_s, request.op)
-            await self._replace(slot)
-            return StageError(f"The conversion took longer than {self.timeout_s:g} seconds and was stopped.")
-        except (ConnectionError, OSError, ValueError) as exc:
-            log.error("Blender worker %d died during %s (%s); output: %s", worker.pid, request.op, exc,
-                      " | ".join(worker.output_tail))
-            await self._replace(slot)
-            return StageError("The converter crashed while processing this model.")
-        return self._settle(worker, request, reply)
+            # The answer, the caller giving up (its future is cancelled), or the timeout, whichever comes first.
+            done, _ = await asyncio.wait({ask, request.future}, timeout=self.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if ask not in done:
+                ask.cancel()
+                if request.future.done():
+                    log.info("Blender worker %d: %s abandoned by its caller; replacing the worker", worker.pid,
+                             request.op)
+                    await worker.stop(kill=True)
+                    request.released.set()
+                    await self._respawn(slot)
+                    return StageError("The conversion was abandoned.")
+                log.warning("Blender worker %d timed out after %.0f s on %s; replacing it", worker.pid,
+                            self.timeout_s, request.op)
+                await self._replace(slot)
+                return StageError(f"The conversion took longer than {self.timeout_s:g} seconds and was stopped.")
+            try:
+                reply = ask.result()
+            except (ConnectionError, OSError, ValueError) as exc:
+                log.error("Blender worker %d died during %s (%s); output: %s", worker.pid, request.op, exc,
+                          " | ".join(worker.output_tail))
+                await self._replace(slot)
+                return StageError("The converter crashed while processing this model.")
+            return self._settle(worker, request, reply)
+        finally:
+            if not ask.done():
+                ask.cancel()
+            request.released.set()
 
     def _settle(self, worker: _Worker, request: _Request, reply: dict[str, Any]) -> WorkerReport | StageError:
         if reply.get("ok"):
@@ -317,6 +350,9 @@ class BlenderPool:
         worker = self._slots[slot]
         if worker is not None:
             await worker.stop(kill=True)
+        await self._respawn(slot)
+
+    async def _respawn(self, slot: int) -> None:
         try:
             self._slots[slot] = await self._spawn()
         except StageError:
