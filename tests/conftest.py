@@ -12,7 +12,7 @@ import pytest
 SLOW_MODULES = {
     # a real `bentoml serve` (seconds to start, two worker processes)
     "test_bentoml_fixes", "test_http", "test_no_orphans", "test_permissions", "test_service_config",
-    "test_triposr_service", "test_triposr_standin", "test_xai_served", "test_full_pipeline",
+    "test_triposr_service", "test_triposr_standin", "test_xai_served", "test_full_pipeline", "test_lifecycle",
     # a real browser
     "test_page",
     # real Blender
