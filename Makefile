@@ -16,7 +16,7 @@ PY := $(VENV)/bin/python
 DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
-.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data
+.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data postgresql
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -62,13 +62,26 @@ dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
 
+# The store tests run on PostgreSQL too: Debian's server, started by the tests themselves (tests/postgres.py) on a
+# free loopback port. Installed here when missing (needs root), without the package's default cluster, so that
+# nothing is left running.
+PG_CTL := $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin/pg_ctl)))
+postgresql:
+ifeq ($(PG_CTL),)
+	@test "$$(id -u)" = 0 || { echo 'the store tests need PostgreSQL: sudo apt-get install postgresql'; exit 2; }
+	mkdir -p /etc/postgresql-common/createcluster.d
+	echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/grok3d-no-main-cluster.conf
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null
+endif
+
 # With a CPU build of torch, Triton's interpreter runs the fused kernel's tests (a CUDA build has its own Triton).
 $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 	if $(PY) -c 'import torch; assert torch.version.cuda is None' 2>/dev/null; then \
 		$(VENV)/bin/python -m pip install -q --group kernel-tests; fi
 	touch $@
 
-test: .venv $(VENV)/.kernel-tests /usr/bin/chromium
+test: .venv $(VENV)/.kernel-tests /usr/bin/chromium postgresql
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: .venv

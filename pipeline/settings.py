@@ -24,6 +24,9 @@ class Settings(BaseSettings):
     model_size_m: float = Field(0.5, alias="GROK3D_MODEL_SIZE_M", gt=0)
     cors_origins: str = Field("*", alias="GROK3D_CORS_ORIGINS")
     lease_s: float = Field(60.0, alias="GROK3D_LEASE_S", gt=0)
+    # The job store: an SQLAlchemy URL (postgresql+psycopg://user:pw@host:5432/grok3d for several replicas);
+    # unset, the SQLite file in the data folder.
+    database_url: str | None = Field(None, alias="GROK3D_DATABASE_URL")
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")
@@ -76,10 +79,19 @@ class Settings(BaseSettings):
                 "stages are meant (the test suite)")
         return self
 
+    @field_validator("database_url")
+    @classmethod
+    def _known_engine(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("GROK3D_DATABASE_URL must be an SQLAlchemy URL of SQLite or PostgreSQL, such as "
+                             "postgresql+psycopg://user:password@host:5432/grok3d")
+        return value
+
     @property
     def store_url(self) -> str:
-        """The job store's SQLAlchemy URL: the SQLite file in the data folder."""
-        return sqlite_url(self.db_path)
+        """The job store's SQLAlchemy URL: GROK3D_DATABASE_URL, else the SQLite file in the data folder."""
+        return self.database_url or sqlite_url(self.db_path)
 
     @property
     def cors_origin_list(self) -> list[str]:
