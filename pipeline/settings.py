@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     xai_max_retries: int = Field(5, alias="XAI_MAX_RETRIES", ge=0)
     prompt_template: str = Field(DEFAULT_PROMPT_TEMPLATE, alias="GROK3D_PROMPT_TEMPLATE")
 
+    # A TripoSR service deployed elsewhere (http://triposr:3000): the API service then calls it over HTTP and
+    # starts no TripoSR worker of its own. Unset, `bentoml serve` runs both services on this machine.
+    triposr_url: str | None = Field(None, alias="GROK3D_TRIPOSR_URL")
     triposr_model: str = Field("triposr:latest", alias="TRIPOSR_MODEL")
     triposr_device: str | None = Field(None, alias="TRIPOSR_DEVICE")
     triposr_precision: Literal["auto", "fp32", "mixed", "bf16"] = Field("auto", alias="TRIPOSR_PRECISION")
@@ -78,6 +81,14 @@ class Settings(BaseSettings):
                 "stand-ins, and is refused in a deployment: unset it, or set GROK3D_ALLOW_TEST_STAGES=1 where test "
                 "stages are meant (the test suite)")
         return self
+
+    @field_validator("triposr_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip().rstrip("/") or None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("GROK3D_TRIPOSR_URL must be the TripoSR service's http:// or https:// URL")
+        return value
 
     @field_validator("database_url")
     @classmethod
