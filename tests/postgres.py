@@ -28,7 +28,11 @@ def bin_dir() -> Path | None:
 
 
 class PostgresServer:
-    def __init__(self) -> None:
+    """`durable=False` (the tests) turns off fsync: a test cluster need not survive a power cut, and each commit's
+    flush would dominate. Benchmarks keep it on, as a deployment does."""
+
+    def __init__(self, *, durable: bool = False) -> None:
+        self.durable = durable
         binaries = bin_dir()
         if binaries is None:
             raise RuntimeError("PostgreSQL's server is not installed: `make test` installs Debian's postgresql "
@@ -53,11 +57,11 @@ class PostgresServer:
         if self.as_root:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "--auth=trust", "--username", self.role, "-E", "UTF8",
-                  "--no-sync")
-        # fsync off: a test cluster need not survive a power cut, and each commit's flush would dominate.
+                  *([] if self.durable else ["--no-sync"]))
+        fast = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-o",
-                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off "
-                  f"-c synchronous_commit=off -c full_page_writes=off -c max_connections=300", "start")
+                  f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {fast}-c max_connections=300",
+                  "start")
         return self
 
     def stop(self) -> None:
