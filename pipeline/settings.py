@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     # The job store: an SQLAlchemy URL (postgresql+psycopg://user:pw@host:5432/grok3d for several replicas);
     # unset, the SQLite file in the data folder.
     database_url: str | None = Field(None, alias="GROK3D_DATABASE_URL")
+    # The job's files: a folder (unset: $GROK3D_DATA_DIR/jobs) or s3://bucket/prefix; GROK3D_S3_ENDPOINT for an S3
+    # server other than AWS (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+    assets_url: str | None = Field(None, alias="GROK3D_ASSETS_URL")
+    s3_endpoint: str | None = Field(None, alias="GROK3D_S3_ENDPOINT")
+    # 0: downloads stream through the API; N > 0: GET answers a redirect to a presigned URL valid N seconds.
+    assets_redirect_s: int = Field(0, alias="GROK3D_ASSETS_REDIRECT_S", ge=0, le=7 * 86400)
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")
@@ -89,6 +95,11 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("GROK3D_TRIPOSR_URL must be the TripoSR service's http:// or https:// URL")
         return value
+
+    @field_validator("assets_url", "s3_endpoint")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return (value or "").strip() or None
 
     @field_validator("database_url")
     @classmethod

@@ -1,5 +1,5 @@
-"""Fixtures shared by several test modules: one PostgreSQL server per test session, started when a test first asks
-for it, and the job store's two engines as a parameter."""
+"""Fixtures shared by several test modules: one PostgreSQL server and one S3 server per test session, each started
+when a test first asks for it, and the job store's two engines as a parameter."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from pipeline.db import sqlite_url
 from tests.postgres import PostgresServer
+from tests.s3 import S3Server
 
 ENGINES = ("sqlite", "postgresql")
 
@@ -17,6 +18,15 @@ ENGINES = ("sqlite", "postgresql")
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresServer]:
     server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[S3Server]:
+    server = S3Server().start()
     try:
         yield server
     finally:

@@ -1,5 +1,6 @@
-"""Two API replicas (`bentoml serve service:Grok3D` on two ports) sharing one PostgreSQL job store, one asset store
-and one TripoSR service (the stand-in, served alone): the acceptance tests of running past one machine.
+"""Two API replicas (`bentoml serve service:Grok3D` on two ports) sharing one PostgreSQL job store, one S3 bucket
+(moto's server on loopback) and one TripoSR service (the stand-in, served alone): the acceptance tests of running
+past one machine.
 
 - kill -9: 20 jobs submitted across both; one replica is killed (its whole process tree) while it holds jobs in
   each stage; the other finishes every job exactly once, re-running no stage but the interrupted ones, and serves
@@ -22,6 +23,7 @@ from sqlalchemy import create_engine, select
 
 from pipeline.db import jobs
 from tests.postgres import PostgresServer
+from tests.s3 import S3Server
 from tests.server import Server, wait_job
 
 STAGES = ("generating_image", "generating_3d", "converting_usdz")
@@ -55,10 +57,10 @@ def replicas(tmp_path: Path, env: dict[str, str], count: int = 2) -> Iterator[li
             srv.stop()
 
 
-def shared_env(tmp_path: Path, database_url: str) -> dict[str, str]:
-    return {"GROK3D_DATABASE_URL": database_url, "XAI_API_KEY": "test-key", "PYTHONUNBUFFERED": "1",
-            # One asset folder for both, as a shared volume would be (GROK3D_DATA_DIR holds nothing else shared).
-            "GROK3D_DATA_DIR": str(tmp_path / "shared")}
+def shared_env(s3: S3Server, database_url: str) -> dict[str, str]:
+    """What the replicas share: the job store and the bucket; nothing on a local disk."""
+    return {"GROK3D_DATABASE_URL": database_url, **s3.env(s3.new_bucket()), "XAI_API_KEY": "test-key",
+            "PYTHONUNBUFFERED": "1"}
 
 
 def stage_events(log: str) -> dict[str, dict[str, list[str]]]:
@@ -81,9 +83,10 @@ def held_stages(engine, pid: int) -> dict[str, str]:
     return {job: stage for job, stage, owner in rows if owner and owner.split(":")[1] == str(pid)}
 
 
-def test_a_replica_killed_mid_stage_is_taken_over_by_the_other(postgres: PostgresServer, triposr, tmp_path):
+def test_a_replica_killed_mid_stage_is_taken_over_by_the_other(postgres: PostgresServer, s3: S3Server, triposr,
+                                                                tmp_path):
     url = postgres.new_database()
-    env = {**shared_env(tmp_path, url), "GROK3D_TRIPOSR_URL": triposr.url, "GROK3D_STAGES": "tests.stages:real_model",
+    env = {**shared_env(s3, url), "GROK3D_TRIPOSR_URL": triposr.url, "GROK3D_STAGES": "tests.stages:real_model",
            "GROK3D_LEASE_S": "3", "GROK3D_IMAGE_CONCURRENCY": "3", "TEST_IMAGE_SLEEP_S": "1.0",
            "TEST_CONVERT_SLEEP_S": "1.0"}
     engine = create_engine(url)
@@ -133,6 +136,7 @@ def test_a_replica_killed_mid_stage_is_taken_over_by_the_other(postgres: Postgre
             assert Counter(dead[job]["started"] + live[job]["started"])[stage] <= 2
     for (job, asset), ok in downloads.items():
         assert ok, (job, asset)
+    assert not [p for p in tmp_path.glob("replica*/jobs/*")]  # every file went to the bucket
 
 
 def _download(client: httpx.Client, base: str, job_id: str, asset: str) -> bool:
@@ -147,9 +151,9 @@ def _download(client: httpx.Client, base: str, job_id: str, asset: str) -> bool:
             and part.headers["content-range"] == f"bytes 0-3/{len(whole.content)}" and same.status_code == 304)
 
 
-def test_two_hundred_jobs_fan_out_over_two_replicas(postgres: PostgresServer, tmp_path):
+def test_two_hundred_jobs_fan_out_over_two_replicas(postgres: PostgresServer, s3: S3Server, tmp_path):
     url = postgres.new_database()
-    env = {**shared_env(tmp_path, url), "GROK3D_STAGES": "tests.stages:sleepy", "GROK3D_QUEUE_MAX": "500"}
+    env = {**shared_env(s3, url), "GROK3D_STAGES": "tests.stages:sleepy", "GROK3D_QUEUE_MAX": "500"}
     with replicas(tmp_path, env) as servers, httpx.Client(timeout=30) as client:
         ids = [client.post(f"{servers[n % 2].url}/api/generate", json={"prompt": f"p{n}"}).json()["job_id"]
                for n in range(200)]
