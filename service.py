@@ -83,6 +83,21 @@ class ReadyzNote:
         await self.app(scope, receive, noted)
 
 
+def triposr_dependency(triposr_service: type) -> Any:
+    """The TripoSR service as a dependency: run by `bentoml serve` beside this one, or, with GROK3D_TRIPOSR_URL, a
+    deployment of its own elsewhere (its GPU nodes scale apart from the API's CPU nodes).
+
+    With a URL the service class is still named, so that the client takes its traffic timeout and connection
+    settings (a URL alone gets a 60 s timeout and a connection renewed under requests in flight:
+    _bentoml_impl/client/proxy2.py, RemoteProxy.__init__) and speaks JSON to it, the Picture's bytes as base64
+    (runners/triposr/wire.py); `bentoml serve` starts no worker for a dependency with a URL
+    (_bentoml_impl/server/serving.py: all_services(exclude_urls=True)), and importing the service's module loads no
+    torch: the model's code is imported by its worker only."""
+    if settings.triposr_url:
+        return bentoml.depends(triposr_service, url=settings.triposr_url)
+    return bentoml.depends(triposr_service)
+
+
 def api_service(triposr_service: type) -> type:
     """The API service, depending on `triposr_service` (the real TripoSR service; tests pass a stand-in with the
     same API to put slow or failing batches behind real BentoML batching)."""
@@ -97,7 +112,7 @@ def api_service(triposr_service: type) -> type:
     )
     @bentoml.asgi_app(app, path="/")
     class Grok3D:
-        triposr = bentoml.depends(triposr_service)
+        triposr = triposr_dependency(triposr_service)
 
         async def __is_ready__(self) -> bool:
             """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,

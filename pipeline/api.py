@@ -34,12 +34,12 @@ from pipeline.head import is_head, serve_head
 from pipeline.jobs import IdempotencyKey, IdempotencyMismatch, Job, JobStore, QueueFull, Status, Stage
 from pipeline.lifecycle import Lifecycle, caller_scope, scope_key
 from pipeline.orchestrator import Orchestrator
-from pipeline.responses import file_response
+from pipeline.responses import file_response, object_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
 from pipeline.web import mount_web
 from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
-                              is_example_id, is_job_id)
+                              is_example_id, is_job_id, open_asset_store)
 
 log = logging.getLogger("grok3d.api")
 
@@ -149,7 +149,7 @@ def _install_local_docs(app: FastAPI, assets_url: str) -> None:
 async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     store = await asyncio.to_thread(JobStore, settings.store_url, lease_s=settings.lease_s,
                                     retention_s=settings.retention_s)
-    assets = AssetStore(settings.jobs_dir)
+    assets = open_asset_store(settings)
     catalog = ExampleCatalog(SHIPPED_DIR, settings.promoted_examples_dir)
     for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
         if hasattr(backend, "start"):
@@ -171,7 +171,8 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     await orchestrator.start()
     await sender.start()
     await lifecycle.start()
-    log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir,
+    log.info("grok3d started: job store %s, assets in %s, %d jobs to resume",
+             store.engine.url.render_as_string(hide_password=True), assets.location,
              await asyncio.to_thread(store.count_active))
     # Everything loaded so far (BentoML, numpy, scikit-image, ...) lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
@@ -346,7 +347,9 @@ def _install_routes(app: FastAPI) -> None:
                 raise ApiError(404, "Job not found")
             path = example.path(kind)
         elif await _get_job(runtime, job_id) is not None:
-            path = runtime.assets.path(job_id, kind)
+            path = runtime.assets.local_path(job_id, kind)
+            if path is None:  # object storage
+                return await _object_response(request, runtime, job_id, kind)
         else:
             raise ApiError(404, "Job not found")
         return _file_response(request, path, job_id, kind)
@@ -501,6 +504,24 @@ def _served(endpoint):
         return await endpoint(request.path_params["job_id"], request)
 
     return serve
+
+
+async def _object_response(request: Request, runtime: Runtime, job_id: str, kind: Asset) -> Response:
+    """An asset in object storage: streamed through with API.md's rules, or, with GROK3D_ASSETS_REDIRECT_S, a GET is
+    sent to a presigned URL of the object (which carries its own media type and Content-Disposition, and answers
+    Range and If-None-Match itself). HEAD is answered here, since a URL signed for GET does not answer HEAD."""
+    assets = runtime.assets
+    info = await asyncio.to_thread(assets.stat, job_id, kind)
+    if info is None:
+        raise ApiError(404, "Asset not found")
+    seconds = runtime.settings.assets_redirect_s
+    if seconds and not is_head(request.scope):
+        url = await asyncio.to_thread(assets.presign, job_id, kind, seconds)
+        if url:
+            return Response(status_code=307, headers={"Location": url, "Cache-Control": "no-store"})
+    return object_response(request, info, lambda first, last: assets.iter_range(job_id, kind, first, last),
+                           MEDIA_TYPES[kind], filename=f"{job_id}.{DOWNLOAD_SUFFIX[kind]}",
+                           disposition=DISPOSITION[kind])
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:

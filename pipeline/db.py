@@ -2,20 +2,22 @@
 
 The tables below are the one definition of what the store keeps; `pipeline.jobs` reads and writes them, and the
 Alembic revisions in `pipeline/migrations/versions/` bring an existing database up to them. The SQL stays
-portable (SQLite today, PostgreSQL next): no dialect-specific statement outside `db_now` and the SQLite
-connection set-up.
+portable across the two engines, SQLite (the embedded default) and PostgreSQL (several replicas): what differs
+lives here, behind the dialect's name (`db_now`, `transaction_lock`, the connection set-up), and in the claim of
+`pipeline.jobs`.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import (Column, Engine, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event,
-                        inspect, text)
+from sqlalchemy import (Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
+                        create_engine, event, inspect, text)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float as FloatType
@@ -122,7 +124,25 @@ def _db_now_sqlite(element: db_now, compiler, **kw) -> str:
 
 @compiles(db_now, "postgresql")
 def _db_now_postgresql(element: db_now, compiler, **kw) -> str:
-    return "extract(epoch from clock_timestamp())"
+    # clock_timestamp(), not now(): now() is the start of the transaction, and a claim compares leases with the
+    # moment it runs. extract() gives numeric; leases are double precision.
+    return "extract(epoch from clock_timestamp())::double precision"
+
+
+def is_postgresql(bind: Engine | Connection) -> bool:
+    return bind.dialect.name == "postgresql"
+
+
+def transaction_lock(connection: Connection, name: str) -> None:
+    """Serialize the transactions that take the lock `name` until they end: a count and the insert it permits
+    (the queue bound) then hold across every replica.
+
+    On PostgreSQL a transaction-level advisory lock (`pg_advisory_xact_lock`, released at commit or rollback;
+    PostgreSQL docs §9.27.10 "Advisory Lock Functions" and §13.3.5 "Advisory Locks"); the key is the name's CRC-32,
+    so every replica computes the same one. On SQLite nothing is needed: a write transaction begins with BEGIN IMMEDIATE, which
+    already holds the database's one write lock."""
+    if is_postgresql(connection):
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(name.encode())})
 
 
 def sqlite_url(path: Path) -> str:
@@ -131,8 +151,11 @@ def sqlite_url(path: Path) -> str:
 
 def create_store_engine(url: str) -> Engine:
     """An engine for the job store. On SQLite: WAL, synchronous=FULL (an accepted job is on disk before the client
-    hears of it), a 30 s busy timeout, and transactions whose BEGIN we emit ourselves (see `_sqlite_begin`)."""
-    engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=False)
+    hears of it), a 30 s busy timeout, and transactions whose BEGIN we emit ourselves (see `_sqlite_begin`). On
+    PostgreSQL: connections are checked before use (the server restarts, or a proxy drops idle connections, while a
+    replica runs), and its default isolation, READ COMMITTED, which the claim's SKIP LOCKED is made for."""
+    postgresql = url.startswith("postgresql")
+    engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=postgresql)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
@@ -171,13 +194,22 @@ def migrate(engine: Engine) -> None:
     with engine.connect().execution_options(sqlite_immediate=True) as connection, connection.begin():
         if engine.dialect.name == "postgresql":
             # Replicas starting together: one migrates, the others wait here and then find nothing to do.
-            connection.execute(text("SELECT pg_advisory_xact_lock(3003)"))
+            transaction_lock(connection, "grok3d.migrate")
         current = MigrationContext.configure(connection).get_current_revision()
         config = _alembic_config(connection)
         if current is None and inspect(connection).has_table("jobs"):
             log.info("job store predates migrations: stamping it as revision %s", SEED_REVISION)
             command.stamp(config, SEED_REVISION)
         command.upgrade(config, "head")
+
+
+def head_revision() -> str:
+    """The newest revision of pipeline/migrations: what `migrate` brings a database to."""
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:

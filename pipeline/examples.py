@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from pathlib import Path
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.jobs import JobStore, Status
-from pipeline.storage import EXAMPLE_PREFIX, SERVED_ASSETS, Asset, AssetStore, FILE_NAMES, write_atomic
+from pipeline.storage import (EXAMPLE_PREFIX, SERVED_ASSETS, Asset, AssetStore, FILE_NAMES, open_asset_store,
+                              write_atomic)
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "examples"
 SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -112,10 +112,8 @@ def promote(job_id: str, name: str, description: str, *, store: JobStore, assets
     entries = [e for e in read_catalog(root) if e.slug != slug]
     folder = root / slug
     folder.mkdir(parents=True, exist_ok=True)
-    for asset in SERVED_ASSETS:
-        tmp = folder / f".{FILE_NAMES[asset]}.tmp"
-        shutil.copyfile(assets.path(job_id, asset), tmp)
-        tmp.replace(folder / FILE_NAMES[asset])
+    for asset in SERVED_ASSETS:  # from the folder or the object store alike
+        write_atomic(folder / FILE_NAMES[asset], assets.read(job_id, asset))
     entry = CatalogEntry(slug=slug, name=name, description=description, prompt=job.prompt,
                          created_at=job.created_at)
     entries.append(entry)
@@ -139,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     store = JobStore(settings.store_url)
     try:
         entry = promote(args.job_id, args.name, args.description, store=store,
-                        assets=AssetStore(settings.jobs_dir), root=settings.promoted_examples_dir, slug=args.slug)
+                        assets=open_asset_store(settings), root=settings.promoted_examples_dir, slug=args.slug)
     except (ValueError, FileNotFoundError, ValidationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,8 @@
 """A job, its state machine, and the store that keeps it (the `jobs` table of `pipeline.db`).
 
-The store is the one source of truth shared by every process: a job is inserted (durably) before the client hears
-its id, claimed by one compare-and-set that sets an owner, a lease and the next attempt number, and moved forward
-stage by stage. A lease that runs out (its owner died or stalled) makes the job claimable again, so it resumes
+The store is the one source of truth shared by every process and replica: a job is inserted (durably) before the
+client hears its id, claimed by one statement that sets an owner, a lease and the next attempt number, and moved
+forward stage by stage. A lease that runs out (its owner died or stalled) makes the job claimable again, so it resumes
 elsewhere or after a restart. Every write of a running job is fenced by owner and attempt: once a job has been
 taken over, its former owner's writes change nothing and raise `LeaseLost`.
 
@@ -11,6 +11,8 @@ Every method is blocking (a short indexed statement or two): async callers run t
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import secrets
@@ -23,11 +25,11 @@ from datetime import datetime, timedelta, timezone
 from enum import Enum
 from functools import lru_cache
 
-from sqlalchemy import (Connection, and_, bindparam, case, delete, exc, func, insert, literal, or_, select, true,
-                        update)
+from sqlalchemy import (Connection, and_, bindparam, case, delete, exc, false, func, insert, literal, or_, select,
+                        true, update)
 
-from pipeline.db import (create_store_engine, db_now, idempotency_keys, job_events, jobs, migrate,
-                         webhook_deliveries)
+from pipeline.db import (create_store_engine, db_now, idempotency_keys, is_postgresql, job_events, jobs, migrate,
+                         transaction_lock, webhook_deliveries)
 from pipeline.storage import new_job_id
 
 
@@ -150,16 +152,38 @@ def iso_of(epoch_s: float) -> str:
     return datetime.fromtimestamp(epoch_s, timezone.utc).replace(tzinfo=None).isoformat(timespec="microseconds")
 
 
+@functools.cache
+def pid_scope() -> str:
+    """Where this process's pid means something: the host name, plus (on Linux) the kernel's boot and the pid
+    namespace, so that two containers that share a host name (`network_mode: host`, a copied image's fixed name)
+    but not their pids never judge each other's owners by a pid that is not theirs."""
+    parts = []
+    for path, read in (("/proc/sys/kernel/random/boot_id", lambda p: open(p).read().strip()),
+                       ("/proc/self/ns/pid", os.readlink)):
+        try:
+            parts.append(read(path))
+        except OSError:
+            pass
+    digest = hashlib.blake2b("|".join(parts).encode(), digest_size=4).hexdigest() if parts else "0"
+    return f"{socket.gethostname()}~{digest}"
+
+
 def process_owner_id() -> str:
-    """host:pid:nonce. The host and pid tell, on this host, whether an owner is still alive; the nonce keeps two
-    owners apart where pids repeat (every container's first process is pid 1) or one process runs two."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    """scope:pid:nonce. The scope and pid tell, in this pid namespace, whether an owner is still alive; the nonce
+    keeps two owners apart where pids repeat (every container's first process is pid 1, also after a restart of
+    the container) or one process runs two."""
+    return f"{pid_scope()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+
+def local_owner_prefix() -> str:
+    """What every owner id of this pid namespace starts with."""
+    return pid_scope() + ":"
 
 
 def _owner_is_dead(owner: str) -> bool:
-    host, pid = (owner.split(":") + ["", ""])[:2]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another machine's job: only its lease can tell
+    scope, pid = (owner.split(":") + ["", ""])[:2]
+    if scope != pid_scope() or not pid.isdigit():
+        return False  # another machine's (or container's) job: only its lease can tell
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
@@ -204,13 +228,16 @@ def _in_scope(scope: str | None):
 
 
 class JobStore:
-    """The job store on SQLAlchemy Core: `url` is an SQLAlchemy database URL (today the SQLite file
-    `sqlite+pysqlite:////path/grok3d.db`). The schema is migrated to the newest revision on open."""
+    """The job store on SQLAlchemy Core: `url` is an SQLAlchemy database URL, the SQLite file
+    `sqlite+pysqlite:////path/grok3d.db` (one machine) or a PostgreSQL database
+    `postgresql+psycopg://user:pw@host:5432/grok3d` (shared by replicas). The schema is migrated to the newest
+    revision on open; replicas that open it together migrate it once."""
 
     def __init__(self, url: str, *, lease_s: float = 60.0, retention_s: float | None = None) -> None:
         self.lease_s = lease_s
         self.retention_s = retention_s  # GROK3D_RETENTION_DAYS in seconds; None keeps jobs forever
         self.engine = create_store_engine(url)
+        self.postgresql = is_postgresql(self.engine)
         # SQLite has one writer at a time, and a writer that finds the lock taken sleeps in SQLite's busy handler
         # (1, 2, 5, ... 100 ms steps) rather than waking when it frees: writers of this process queue on a lock of
         # ours instead, and only other processes meet the busy handler.
@@ -252,6 +279,7 @@ class JobStore:
                           callback_url=callback_url, events=1)
             try:
                 with self._write() as conn:
+                    transaction_lock(conn, "grok3d.queue")  # the count and the insert, one at a time everywhere
                     if idempotency is not None and (earlier := self._replay(conn, idempotency)) is not None:
                         return Submission(earlier, replayed=True)
                     active = conn.execute(select(func.count()).select_from(jobs)
@@ -291,7 +319,44 @@ class JobStore:
 
     def claim(self, owner: str, *, exclude: set[str] = frozenset()) -> Job | None:
         """Take the oldest runnable job: queued, or processing with a lapsed lease or an owner that died on this
-        host. The take is a compare-and-set on (owner, attempt), so two claimers never both win."""
+        host. Two claimers never both win."""
+        return self._claim_skip_locked(owner, exclude) if self.postgresql else self._claim_cas(owner, exclude)
+
+    def _claim_skip_locked(self, owner: str, exclude: set[str]) -> Job | None:
+        """PostgreSQL: one statement picks the oldest runnable job and takes it. `FOR UPDATE SKIP LOCKED` in the
+        sub-select locks the row it picks and passes over rows another claimer has locked, so concurrent claimers
+        each get another job without waiting for one another (PostgreSQL docs, SELECT, "The Locking Clause"; in READ
+        COMMITTED a locked row's conditions are checked again on its newest version, §13.2.1). The lease runs on the
+        database's clock."""
+        dead = self._dead_local_owners()
+        runnable = or_(jobs.c.owner.is_(None), jobs.c.lease_until < db_now(),
+                       jobs.c.owner.in_(dead) if dead else false())
+        pick = (select(jobs.c.job_id)
+                .where(jobs.c.status.in_(ACTIVE), runnable, jobs.c.job_id.not_in(list(exclude)) if exclude else true())
+                .order_by(jobs.c.created_at).limit(1).with_for_update(skip_locked=True).scalar_subquery())
+        with self._write() as conn:
+            row = conn.execute(
+                update(jobs).where(jobs.c.job_id == pick)
+                .values(owner=owner, lease_until=db_now() + self.lease_s, attempt=jobs.c.attempt + 1,
+                        status=Status.processing.value, progress=_at_least(jobs.c.progress, 5),
+                        updated_at=utc_now_iso(), events=jobs.c.events + 1)
+                .returning(*jobs.c)
+            ).one_or_none()
+            return self._logged(conn, row) if row is not None else None
+
+    def _dead_local_owners(self) -> list[str]:
+        """Owners of running jobs that were processes of this pid namespace and have died: their jobs are free
+        at once, long before their leases end (a restart on the same machine resumes its jobs without waiting)."""
+        with self._read() as conn:
+            owners = conn.execute(
+                select(jobs.c.owner).distinct().where(jobs.c.status == Status.processing.value,
+                                                     jobs.c.owner.startswith(local_owner_prefix(), autoescape=True))
+            ).scalars().all()
+        return [o for o in owners if _owner_is_dead(o)]
+
+    def _claim_cas(self, owner: str, exclude: set[str]) -> Job | None:
+        """SQLite: the candidates are read without the write lock (an idle poll never takes it), then one is
+        taken by a compare-and-set on (owner, attempt)."""
         with self._read() as conn:
             candidates = conn.execute(
                 select(jobs.c.job_id, jobs.c.owner, jobs.c.attempt, (jobs.c.lease_until < db_now()).label("lapsed"))

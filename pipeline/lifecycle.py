@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -115,14 +114,10 @@ class Lifecycle:
         return await asyncio.to_thread(self._purge, job_id)
 
     def _purge(self, job_id: str) -> bool:
-        folder = self.assets.job_dir(job_id)
         try:
-            shutil.rmtree(folder)
-        except FileNotFoundError:
-            pass
+            self.assets.delete_job(job_id)
         except OSError as exc:  # its row stays marked: the next sweep tries again
-            log.error("job %s: its folder %s could not be removed (%s); the next sweep tries again", job_id, folder,
-                      exc)
+            log.error("job %s: its files could not be removed (%s); the next sweep tries again", job_id, exc)
             return False
         dropped = self.store.drop(job_id)
         if dropped:
@@ -161,15 +156,16 @@ class Lifecycle:
         """Job folders without a row: left by a crash between a row's removal and its folder's (not possible in
         the order above, but a deleted job's file write in flight, or an older version's crash, could), or by a
         hand. A folder of a job being created cannot be here: the row is written before any file."""
-        try:
-            names = [entry.name for entry in self.assets.root.iterdir() if entry.is_dir() and is_job_id(entry.name)]
-        except FileNotFoundError:
-            return 0
+        names = self.assets.job_ids()
         known = self.store.existing(names)
         removed = 0
         for name in names:
             if name not in known:
-                shutil.rmtree(self.assets.root / name, ignore_errors=True)
+                try:
+                    self.assets.delete_job(name)
+                except OSError as exc:
+                    log.error("sweep: the files of job %s, which has no row, could not be removed (%s)", name, exc)
+                    continue
                 removed += 1
                 log.warning("sweep: removed the folder of job %s, which has no row", name)
         return removed

@@ -34,7 +34,7 @@ from pipeline.errors import StageError
 from pipeline.jobs import CANCELLED, Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
 from pipeline.retry import RetryPolicy
 from pipeline.stages import ModelState, Stages
-from pipeline.storage import Asset, AssetStore, publish, temp_path_for
+from pipeline.storage import Asset, AssetStore
 
 log = logging.getLogger("grok3d.jobs")
 T = TypeVar("T")
@@ -104,6 +104,10 @@ class Orchestrator:
     async def _db(self, method: Callable[..., T], *args, **kwargs) -> T:
         return await asyncio.to_thread(partial(method, *args, **kwargs))
 
+    async def _has(self, job_id: str, asset: Asset) -> bool:
+        """A stat of a file, or a HEAD request to object storage: off the event loop either way."""
+        return await asyncio.to_thread(self.assets.has, job_id, asset)
+
     # -- dispatch -------------------------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
@@ -164,22 +168,22 @@ class Orchestrator:
         jid = job.job_id
         log.info("job %s claimed, attempt %d (status=%s stage=%s)", jid, lease.attempt, job.status.value,
                  job.stage.value)
-        self.assets.remove_temporaries(jid)
         stage = Stage.initializing
         if job.cancel_requested:  # asked before this claim (its former owner died, or it was being deleted)
             await self._fail(lease, CANCELLED)
             return
         try:
+            await asyncio.to_thread(self.assets.remove_temporaries, jid)
             stage = Stage.generating_image
-            if not (self.assets.has(jid, Asset.image) and self.assets.has(jid, Asset.input)):
+            if not (await self._has(jid, Asset.image) and await self._has(jid, Asset.input)):
                 await self._timed(job, lease, stage, 10, 30, lambda: self._image_stage(job, lease),
                                   self._image_slots)
             stage = Stage.generating_3d
-            if not self.assets.has(jid, Asset.glb):
+            if not await self._has(jid, Asset.glb):
                 await self._timed(job, lease, stage, 40, 70, lambda: self._reconstruct_stage(job, lease),
                                   self._reconstruct_slots)
             stage = Stage.converting_usdz
-            if not self.assets.has(jid, Asset.usdz):
+            if not await self._has(jid, Asset.usdz):
                 await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
             await self._db(self.store.finish, lease)
             self._ended(jid)
@@ -245,7 +249,7 @@ class Orchestrator:
 
     async def _image_stage(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
-        if self.assets.has(jid, Asset.image):  # made before a restart
+        if await self._has(jid, Asset.image):  # made before a restart
             jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
         else:
             jpeg = await self.stages.image.generate_image(job.prompt)
@@ -274,13 +278,20 @@ class Orchestrator:
             await asyncio.sleep(self._model_wait_s)
 
     async def _convert_stage(self, job: Job, lease: Lease) -> None:
-        target = self.assets.path(job.job_id, Asset.usdz)
-        tmp = temp_path_for(target)
+        """Blender works on local files: the GLB (itself in a folder store, a scratch copy of the object otherwise)
+        in, a scratch file out, which is then published whole."""
+        jid = job.job_id
+        tmp = self.assets.scratch_path(jid, Asset.usdz)
+        copy = self.assets.local_copy(jid, Asset.glb)
         try:
-            await self.stages.convert.convert(self.assets.path(job.job_id, Asset.glb), tmp)
+            glb = await asyncio.to_thread(copy.__enter__)
+            try:
+                await self.stages.convert.convert(glb, tmp)
+            finally:
+                await asyncio.to_thread(copy.__exit__, None, None, None)
             if not await self._db(self.store.holds, lease):
-                raise LeaseLost(job.job_id)
-            await _uninterrupted(asyncio.to_thread(publish, tmp, target))
+                raise LeaseLost(jid)
+            await _uninterrupted(asyncio.to_thread(self.assets.publish_file, jid, Asset.usdz, tmp))
         finally:
             tmp.unlink(missing_ok=True)
 

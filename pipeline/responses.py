@@ -6,6 +6,8 @@
   part, or multipart/byteranges for several). A range unit other than `bytes` is ignored (the whole file, 200);
   an invalid or unsatisfiable byte range answers 416 with `Content-Range: bytes */LENGTH`; never 400.
 - HEAD: the same status and headers as GET, and no body; the file is not read (pipeline/head.py routes HEAD here).
+
+Objects in object storage (`object_response`) follow the same rules, their bytes streamed through.
 """
 
 from __future__ import annotations
@@ -14,14 +16,20 @@ import email.utils
 import hashlib
 import os
 import re
+import secrets
 import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from pipeline.head import is_head
+
+if TYPE_CHECKING:
+    from pipeline.storage import ObjectInfo
 
 # More ranges than this in one request are ignored and the whole file is sent (§14.2: a server MAY ignore Range);
 # no client of ours asks for more, and many small ranges are a known way to make a server work for nothing.
@@ -122,6 +130,25 @@ class _DecidedFileResponse(FileResponse):
         await super().__call__({**scope, "headers": headers, "method": method}, receive, send)
 
 
+def _decide(request: Request, etag: str, modified: float, size: int) -> tuple[dict[str, str], Response | None,
+                                                                           list[ByteRange] | None]:
+    """The validators' headers, and either an answer already (304, 416) or the ranges to send (None: the whole)."""
+    last_modified = email.utils.formatdate(modified, usegmt=True)
+    headers = {"ETag": etag, "Last-Modified": last_modified, "Cache-Control": "no-cache", "Accept-Ranges": "bytes"}
+    # §13.2.2: If-None-Match is evaluated first; Range only applies to a GET whose If-Range (if any) holds.
+    if_none_match = request.headers.get("if-none-match")
+    if if_none_match is not None and _none_match(if_none_match, etag):
+        return headers, Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"}), None
+    range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
+    if range_header is not None and (if_range is None or _if_range_holds(if_range, etag, last_modified, modified)):
+        try:
+            return headers, None, byte_ranges(range_header, size)
+        except RangeNotSatisfiable:
+            return headers, JSONResponse({"error": RANGE_NOT_SATISFIABLE}, status_code=416,
+                                         headers={**headers, "Content-Range": f"bytes */{size}"}), None
+    return headers, None, None
+
+
 def file_response(request: Request, path: Path, media_type: str, *, filename: str | None = None,
                   disposition: str = "inline") -> Response | None:
     """The file (200 or 206), 304, or 416 with API.md's error body; None when there is no such file."""
@@ -129,21 +156,52 @@ def file_response(request: Request, path: Path, media_type: str, *, filename: st
         stat = path.stat()
     except FileNotFoundError:
         return None
-    etag = etag_of(stat)
-    last_modified = email.utils.formatdate(stat.st_mtime, usegmt=True)
-    headers = {"ETag": etag, "Last-Modified": last_modified, "Cache-Control": "no-cache", "Accept-Ranges": "bytes"}
-    # §13.2.2: If-None-Match is evaluated first; Range only applies to a GET whose If-Range (if any) holds.
-    if_none_match = request.headers.get("if-none-match")
-    if if_none_match is not None and _none_match(if_none_match, etag):
-        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": "no-cache"})
-    ranges = None
-    range_header, if_range = request.headers.get("range"), request.headers.get("if-range")
-    if range_header is not None and (if_range is None or _if_range_holds(if_range, etag, last_modified,
-                                                                          stat.st_mtime)):
-        try:
-            ranges = byte_ranges(range_header, stat.st_size)
-        except RangeNotSatisfiable:
-            return JSONResponse({"error": RANGE_NOT_SATISFIABLE}, status_code=416,
-                                headers={**headers, "Content-Range": f"bytes */{stat.st_size}"})
+    headers, answer, ranges = _decide(request, etag_of(stat), stat.st_mtime, stat.st_size)
+    if answer is not None:
+        return answer
     return _DecidedFileResponse(path, media_type=media_type, filename=filename, stat_result=stat, headers=headers,
                                 content_disposition_type=disposition, ranges=ranges)
+
+
+ReadRange = Callable[[int, int], AsyncIterator[bytes]]  # first, last (included) -> the bytes, in pieces
+
+
+def object_response(request: Request, info: ObjectInfo, read: ReadRange, media_type: str, *, filename: str,
+                    disposition: str = "inline") -> Response:
+    """An object that is not a local file (object storage), streamed through with the same rules as a file: the
+    whole (200), one range (206 with Content-Range), several (206, multipart/byteranges, §14.6), 304 or 416.
+    HEAD reads nothing from the store."""
+    headers, answer, ranges = _decide(request, info.etag, info.modified, info.size)
+    if answer is not None:
+        return answer
+    headers["Content-Disposition"] = f'{disposition}; filename="{filename}"'
+    head = is_head(request.scope)
+    if not ranges:
+        body = _empty() if head or info.size == 0 else read(0, info.size - 1)
+        return StreamingResponse(body, media_type=media_type, headers={**headers, "Content-Length": str(info.size)})
+    if len(ranges) == 1:
+        first, last = ranges[0]
+        headers.update({"Content-Range": f"bytes {first}-{last}/{info.size}", "Content-Length": str(last - first + 1)})
+        return StreamingResponse(_empty() if head else read(first, last), status_code=206, media_type=media_type,
+                                 headers=headers)
+    boundary = secrets.token_hex(13)
+    parts = [(f"--{boundary}\r\nContent-Type: {media_type}\r\nContent-Range: bytes {first}-{last}/{info.size}"
+              "\r\n\r\n").encode("latin-1") for first, last in ranges]
+    closing = f"\r\n--{boundary}--\r\n".encode("latin-1")
+    length = sum(len(p) for p in parts) + sum(last - first + 1 for first, last in ranges) + \
+        2 * (len(ranges) - 1) + len(closing)
+
+    async def multipart() -> AsyncIterator[bytes]:
+        for n, ((first, last), part) in enumerate(zip(ranges, parts)):
+            yield (b"\r\n" if n else b"") + part
+            async for chunk in read(first, last):
+                yield chunk
+        yield closing
+
+    headers["Content-Length"] = str(length)
+    return StreamingResponse(_empty() if head else multipart(), status_code=206,
+                             media_type=f"multipart/byteranges; boundary={boundary}", headers=headers)
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    yield b""

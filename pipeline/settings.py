@@ -38,6 +38,15 @@ class Settings(BaseSettings):
     webhook_timeout_s: float = Field(10.0, alias="GROK3D_WEBHOOK_TIMEOUT_S", gt=0)
     webhook_backoff_s: float = Field(5.0, alias="GROK3D_WEBHOOK_BACKOFF_S", gt=0)
     sse_heartbeat_s: float = Field(15.0, alias="GROK3D_SSE_HEARTBEAT_S", gt=0)
+    # The job store: an SQLAlchemy URL (postgresql+psycopg://user:pw@host:5432/grok3d for several replicas);
+    # unset, the SQLite file in the data folder.
+    database_url: str | None = Field(None, alias="GROK3D_DATABASE_URL")
+    # The job's files: a folder (unset: $GROK3D_DATA_DIR/jobs) or s3://bucket/prefix; GROK3D_S3_ENDPOINT for an S3
+    # server other than AWS (credentials: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+    assets_url: str | None = Field(None, alias="GROK3D_ASSETS_URL")
+    s3_endpoint: str | None = Field(None, alias="GROK3D_S3_ENDPOINT")
+    # 0: downloads stream through the API; N > 0: GET answers a redirect to a presigned URL valid N seconds.
+    assets_redirect_s: int = Field(0, alias="GROK3D_ASSETS_REDIRECT_S", ge=0, le=7 * 86400)
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")
@@ -46,6 +55,9 @@ class Settings(BaseSettings):
     xai_max_retries: int = Field(5, alias="XAI_MAX_RETRIES", ge=0)
     prompt_template: str = Field(DEFAULT_PROMPT_TEMPLATE, alias="GROK3D_PROMPT_TEMPLATE")
 
+    # A TripoSR service deployed elsewhere (http://triposr:3000): the API service then calls it over HTTP and
+    # starts no TripoSR worker of its own. Unset, `bentoml serve` runs both services on this machine.
+    triposr_url: str | None = Field(None, alias="GROK3D_TRIPOSR_URL")
     triposr_model: str = Field("triposr:latest", alias="TRIPOSR_MODEL")
     triposr_device: str | None = Field(None, alias="TRIPOSR_DEVICE")
     triposr_precision: Literal["auto", "fp32", "mixed", "bf16"] = Field("auto", alias="TRIPOSR_PRECISION")
@@ -111,10 +123,32 @@ class Settings(BaseSettings):
                 "stages are meant (the test suite)")
         return self
 
+    @field_validator("triposr_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        value = (value or "").strip().rstrip("/") or None
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("GROK3D_TRIPOSR_URL must be the TripoSR service's http:// or https:// URL")
+        return value
+
+    @field_validator("assets_url", "s3_endpoint")
+    @classmethod
+    def _blank_is_none(cls, value: str | None) -> str | None:
+        return (value or "").strip() or None
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_engine(cls, value: str | None) -> str | None:
+        value = (value or "").strip() or None
+        if value is not None and not value.startswith(("sqlite", "postgresql")):
+            raise ValueError("GROK3D_DATABASE_URL must be an SQLAlchemy URL of SQLite or PostgreSQL, such as "
+                             "postgresql+psycopg://user:password@host:5432/grok3d")
+        return value
+
     @property
     def store_url(self) -> str:
-        """The job store's SQLAlchemy URL: the SQLite file in the data folder."""
-        return sqlite_url(self.db_path)
+        """The job store's SQLAlchemy URL: GROK3D_DATABASE_URL, else the SQLite file in the data folder."""
+        return self.database_url or sqlite_url(self.db_path)
 
     @property
     def retention_s(self) -> float | None:

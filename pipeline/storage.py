@@ -1,14 +1,28 @@
 """Where a job's files live, and how they are written: ids are validated before any path is built, and every
 file is written to a temporary name and renamed into place, so nothing half-written is ever served. Published
-files get the permissions the umask gives, as any file a program creates."""
+files get the permissions the umask gives, as any file a program creates.
+
+Two asset stores share one narrow interface (`AssetStore` below is the folder; `pipeline.objectstore.S3AssetStore`
+the S3-compatible object store), chosen by GROK3D_ASSETS_URL through `open_asset_store`. What callers may use:
+`has`, `write`, `read`, `stat`, `read_range`, `local_path` (None off the local disk), `scratch_path` + `publish_file`
+(a producer such as Blender writes a local file, then it is published whole), `local_copy` (a local file to read,
+for a producer that needs a path), `remove_temporaries`, `delete_job`, `presign`."""
 
 from __future__ import annotations
 
 import os
 import re
 import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.settings import Settings
 
 JOB_ID_RE = re.compile(r"[0-9a-f]{8}")
 EXAMPLE_ID_RE = re.compile(r"ex_[a-z0-9][a-z0-9-]{0,62}")
@@ -26,6 +40,7 @@ class Asset(str, Enum):
 
 FILE_NAMES = {Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb", Asset.usdz: "model.usdz"}
 MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip"}
+STORED_MEDIA_TYPES = {**MEDIA_TYPES, Asset.input: "image/png"}
 DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz"}
 # glTF viewers download; images and USDZ open inline (Safari hands an inline USDZ to AR Quick Look).
 DISPOSITION = {Asset.image: "inline", Asset.glb: "attachment", Asset.usdz: "inline"}
@@ -109,11 +124,22 @@ def current_umask() -> int:
     return mask
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What a download needs to know before it reads a byte: size, a strong validator, and the time of the write
+    (seconds since the epoch)."""
+
+    size: int
+    etag: str
+    modified: float
+
+
 class AssetStore:
-    """Job folders under `$GROK3D_DATA_DIR/jobs/`. The narrow interface an object store would replace."""
+    """Job folders under `$GROK3D_DATA_DIR/jobs/` (or the folder GROK3D_ASSETS_URL names)."""
 
     def __init__(self, jobs_dir: Path) -> None:
         self.root = jobs_dir
+        self.location = str(jobs_dir)  # for the log
         self.root.mkdir(parents=True, exist_ok=True)
 
     def job_dir(self, job_id: str) -> Path:
@@ -135,9 +161,68 @@ class AssetStore:
     def read(self, job_id: str, asset: Asset) -> bytes:
         return self.path(job_id, asset).read_bytes()
 
+    def stat(self, job_id: str, asset: Asset) -> ObjectInfo | None:
+        from pipeline.responses import etag_of  # the one definition of a file's tag
+
+        try:
+            st = self.path(job_id, asset).stat()
+        except FileNotFoundError:
+            return None
+        return ObjectInfo(st.st_size, etag_of(st), st.st_mtime)
+
+    def read_range(self, job_id: str, asset: Asset, first: int, last: int) -> bytes:
+        with open(self.path(job_id, asset), "rb") as f:
+            f.seek(first)
+            return f.read(last - first + 1)
+
+    def local_path(self, job_id: str, asset: Asset) -> Path | None:
+        """The file itself: served with sendfile, read by producers in place."""
+        return self.path(job_id, asset)
+
+    def scratch_path(self, job_id: str, asset: Asset) -> Path:
+        """Where a producer writes `asset` before `publish_file` moves it into place."""
+        return temp_path_for(self.path(job_id, asset))
+
+    def publish_file(self, job_id: str, asset: Asset, tmp: Path) -> None:
+        publish(tmp, self.path(job_id, asset))
+
+    @contextmanager
+    def local_copy(self, job_id: str, asset: Asset) -> Iterator[Path]:
+        """A local file holding `asset`, for a producer that reads paths: here the file itself."""
+        yield self.path(job_id, asset)
+
     def remove_temporaries(self, job_id: str) -> None:
         """Leftovers of a stage interrupted by a crash."""
         folder = self.job_dir(job_id)
         if folder.is_dir():
             for tmp in folder.glob(".*.tmp*"):
                 tmp.unlink(missing_ok=True)
+
+    def delete_job(self, job_id: str) -> None:
+        """Every file of the job (retention, deletion), whatever is there; OSError when some could not go."""
+        try:
+            shutil.rmtree(self.job_dir(job_id))
+        except FileNotFoundError:
+            pass
+
+    def job_ids(self) -> list[str]:
+        """The jobs that have files here (the sweep compares them with the store's rows)."""
+        try:
+            return [entry.name for entry in self.root.iterdir() if entry.is_dir() and is_job_id(entry.name)]
+        except FileNotFoundError:
+            return []
+
+    def presign(self, job_id: str, asset: Asset, seconds: int) -> str | None:
+        """A short-lived URL a client may download from directly; a folder has none."""
+        return None
+
+
+def open_asset_store(settings: Settings) -> AssetStore:
+    """GROK3D_ASSETS_URL: unset, today's folder under the data folder; a path, that folder; `s3://bucket/prefix`,
+    the S3-compatible object store (pipeline/objectstore.py)."""
+    url = settings.assets_url
+    if url and url.startswith("s3://"):
+        from pipeline.objectstore import S3AssetStore
+
+        return S3AssetStore.from_url(url, endpoint=settings.s3_endpoint, scratch=settings.data_dir / "scratch")
+    return AssetStore(Path(url.removeprefix("file://")) if url else settings.jobs_dir)

@@ -60,12 +60,17 @@ class Server:
                                    "--host", "127.0.0.1"]
 
     def start(self, *, timeout_s: float = 120.0) -> "Server":
+        self.launch()
+        self.wait_for(self.ready, timeout_s)
+        return self
+
+    def launch(self) -> "Server":
+        """Start the process without waiting for it (several servers then start side by side)."""
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        self.wait_for(self.ready, timeout_s)
         return self
 
     def wait_for(self, path: str, timeout_s: float = 90.0, status: int = 200) -> None:

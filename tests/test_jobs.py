@@ -1,5 +1,5 @@
-"""The job store and the orchestrator in-process, on real SQLite files: claims, fenced leases, migrations, retries,
-resumption."""
+"""The job store and the orchestrator in-process, on both engines (real SQLite files, a real PostgreSQL server):
+claims, fenced leases, the queue bound, migrations, retries, resumption."""
 
 from __future__ import annotations
 
@@ -8,17 +8,20 @@ import dataclasses
 import multiprocessing
 import os
 import shutil
+import socket
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event, select
 
 from pipeline import schemas
-from pipeline.db import SEED_REVISION, current_revision, jobs, sqlite_url
+from pipeline.db import SEED_REVISION, current_revision, head_revision, db_now, jobs, sqlite_url
 from pipeline.errors import StageError
-from pipeline.jobs import Job, JobStore, Lease, LeaseLost, QueueFull, Stage, Status
+from pipeline.jobs import (Job, JobStore, Lease, LeaseLost, QueueFull, Stage, Status, local_owner_prefix, pid_scope,
+                           process_owner_id)
 from pipeline.orchestrator import Orchestrator
 from pipeline.stages import ModelState, ModelStatus, Reconstruction, Stages
 from pipeline.storage import Asset, AssetStore
@@ -36,20 +39,21 @@ def lease_of(job: Job) -> Lease:
     return Lease(job.job_id, job.owner, job.attempt)
 
 
-def _claim_all(db: str, owner: str, out: multiprocessing.Queue) -> None:
-    store = open_store(Path(db))
+def _claim_all(url: str, owner: str, out: multiprocessing.Queue) -> None:
+    store = JobStore(url)
     got = []
     while (job := store.claim(owner)) is not None:
         got.append(job.job_id)
     out.put(got)
+    store.close()
 
 
-def test_two_processes_never_claim_the_same_job(tmp_path):
-    store = open_store(tmp_path / "grok3d.db")
+def test_two_processes_never_claim_the_same_job(store_url):
+    store = JobStore(store_url)
     ids = {store.create(f"p{i}", queue_max=1000).job_id for i in range(200)}
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
-    procs = [ctx.Process(target=_claim_all, args=(str(tmp_path / "grok3d.db"), f"host-x:{n}", out)) for n in range(2)]
+    procs = [ctx.Process(target=_claim_all, args=(store_url, f"host-x:{n}:n", out)) for n in range(2)]
     for p in procs:
         p.start()
     claimed = [out.get(timeout=60) for _ in procs]
@@ -57,29 +61,116 @@ def test_two_processes_never_claim_the_same_job(tmp_path):
         p.join(30)
     assert sorted(claimed[0] + claimed[1]) == sorted(ids)
     assert not set(claimed[0]) & set(claimed[1])
+    store.close()
 
 
-def test_lease_expiry_and_dead_owner_free_a_job(tmp_path):
-    store = open_store(tmp_path / "grok3d.db", lease_s=2.0)  # long enough that a loaded machine claims twice in it
+def test_lease_expiry_and_dead_owner_free_a_job(store_url):
+    store = JobStore(store_url, lease_s=2.0)  # long enough that a loaded machine claims twice in it
     job = store.create("x", queue_max=10)
-    assert store.claim("other-host:1").job_id == job.job_id
-    assert store.claim("me-host:2") is None  # leased
+    assert store.claim("other-host:1:n").job_id == job.job_id
+    assert store.claim("me-host:2:n") is None  # leased
     time.sleep(2.1)
-    assert store.claim("me-host:2").job_id == job.job_id  # the lease lapsed
+    assert store.claim("me-host:2:n").job_id == job.job_id  # the lease lapsed
 
-    store2 = open_store(tmp_path / "b.db", lease_s=600)
-    job2 = store2.create("y", queue_max=10)
-    import socket
+    long_leases = JobStore(store_url, lease_s=600)
+    job2 = long_leases.create("y", queue_max=10)
     dead = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(0,))
     dead.start()
     dead.join()
-    assert store2.claim(f"{socket.gethostname()}:{dead.pid}:0a0a0a0a").job_id == job2.job_id
-    # Its owner (a pid on this host) is gone: the job is free at once, long before the lease ends.
-    assert store2.claim(f"{socket.gethostname()}:{os.getpid()}:0b0b0b0b").job_id == job2.job_id
+    others = {job.job_id}
+    assert long_leases.claim(f"{pid_scope()}:{dead.pid}:0a0a0a0a", exclude=others).job_id == job2.job_id
+    # Its owner (a pid of this pid namespace) is gone: the job is free at once, long before the lease ends.
+    taken = long_leases.claim(f"{pid_scope()}:{os.getpid()}:0b0b0b0b", exclude=others)
+    assert taken.job_id == job2.job_id and taken.attempt == 2
+    # Owners of other machines, or of this one in another pid namespace (a container with the same host name),
+    # are judged by their leases alone, even when their pid is free here.
+    for stranger in (f"elsewhere~0:{dead.pid}:0c0c0c0c", f"{socket.gethostname()}~ffffffff:{dead.pid}:0d0d0d0d"):
+        theirs = long_leases.create("z", queue_max=10)
+        assert long_leases.claim(stranger, exclude=others).job_id == theirs.job_id
+    assert long_leases.claim(f"{pid_scope()}:{os.getpid()}:0e0e0e0e", exclude=others | {job2.job_id}) is None
+    store.close()
+    long_leases.close()
 
 
-def test_queue_bound_and_monotonic_progress(tmp_path):
-    store = open_store(tmp_path / "grok3d.db")
+def test_owner_ids_are_unique_per_process_even_with_the_same_pid():
+    ids = {process_owner_id() for _ in range(100)}
+    assert len(ids) == 100
+    assert all(i.startswith(local_owner_prefix()) and i.split(":")[1] == str(os.getpid()) for i in ids)
+
+
+def test_the_queue_bound_holds_across_replicas(store_url):
+    """Eight replicas (each its own engine and connections) submit at once: exactly GROK3D_QUEUE_MAX get in."""
+    replicas = [JobStore(store_url) for _ in range(8)]
+    accepted, refused = [], []
+    start = threading.Barrier(len(replicas))
+
+    def submit(store: JobStore) -> None:
+        start.wait()
+        for _ in range(4):
+            try:
+                accepted.append(store.create("x", queue_max=10).job_id)
+            except QueueFull:
+                refused.append(1)
+
+    threads = [threading.Thread(target=submit, args=(store,)) for store in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(accepted) == 10 and len(refused) == 22
+    assert replicas[0].count_active() == 10
+    for store in replicas:
+        store.close()
+
+
+def test_replicas_starting_together_migrate_once(new_store_url):
+    url = new_store_url()
+    start = threading.Barrier(6)
+    opened: list[JobStore] = []
+    errors: list[BaseException] = []
+
+    def open_replica() -> None:
+        start.wait()
+        try:
+            opened.append(JobStore(url))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_replica) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(opened) == 6
+    assert {current_revision(store.engine) for store in opened} == {head_revision()}
+    assert opened[0].create("x", queue_max=1) and opened[5].count_active() == 1
+    for store in opened:
+        store.close()
+
+
+def test_a_claim_is_one_statement_on_postgresql_and_leases_run_on_the_database_clock(store_url):
+    store = JobStore(store_url, lease_s=30)
+    store.create("x", queue_max=10)
+    statements: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args) -> None:
+        statements.append(statement)
+
+    event.listen(store.engine, "before_cursor_execute", record)
+    job = store.claim("me:1:n")
+    event.remove(store.engine, "before_cursor_execute", record)
+    writes = [s for s in statements if s.lstrip().upper().startswith("UPDATE")]
+    assert len(writes) == 1
+    if store.postgresql:
+        assert "FOR UPDATE SKIP LOCKED" in writes[0]
+    with store.engine.connect() as conn:
+        now = conn.execute(select(db_now())).scalar_one()
+    assert 29.0 < job.lease_until - now <= 30.0
+    store.close()
+
+
+def test_queue_bound_and_monotonic_progress(store_url):
+    store = JobStore(store_url)
     for _ in range(2):
         store.create("x", queue_max=2)
     with pytest.raises(QueueFull):
@@ -100,8 +191,8 @@ def test_queue_bound_and_monotonic_progress(tmp_path):
     assert store.create("x", queue_max=2)  # a finished job frees its place
 
 
-def test_a_taken_over_lease_fences_every_write_of_the_old_owner(tmp_path):
-    store = open_store(tmp_path / "grok3d.db", lease_s=0.2)
+def test_a_taken_over_lease_fences_every_write_of_the_old_owner(store_url):
+    store = JobStore(store_url, lease_s=0.2)
     job = store.create("x", queue_max=10)
     first = lease_of(store.claim("a:1:x"))
     time.sleep(0.3)
@@ -168,8 +259,8 @@ class Flaky:
         return await BoxReconstructor().reconstruct(image_png)
 
 
-async def _run_one(tmp_path: Path, reconstructor, prompt: str = "cube") -> tuple[JobStore, str]:
-    store = open_store(tmp_path / "grok3d.db")
+async def _run_one(tmp_path: Path, url: str, reconstructor, prompt: str = "cube") -> tuple[JobStore, str]:
+    store = JobStore(url)
     assets = AssetStore(tmp_path / "jobs")
     orch = Orchestrator(store, assets, Stages(SleepyImage(), CopyPrepare(), reconstructor, ZipConverter()),
                         retries=2, retry_backoff_s=0.01, poll_s=0.05)
@@ -185,16 +276,16 @@ async def _run_one(tmp_path: Path, reconstructor, prompt: str = "cube") -> tuple
     return store, job.job_id
 
 
-async def test_a_passing_failure_is_retried_then_succeeds(tmp_path):
+async def test_a_passing_failure_is_retried_then_succeeds(tmp_path, store_url):
     flaky = Flaky(failures=2)
-    store, job_id = await _run_one(tmp_path, flaky)
+    store, job_id = await _run_one(tmp_path, store_url, flaky)
     assert store.get(job_id).status is Status.complete
     assert flaky.calls == 3
 
 
-async def test_a_lasting_failure_becomes_a_clear_job_error(tmp_path):
+async def test_a_lasting_failure_becomes_a_clear_job_error(tmp_path, store_url):
     flaky = Flaky(failures=100)
-    store, job_id = await _run_one(tmp_path, flaky)
+    store, job_id = await _run_one(tmp_path, store_url, flaky)
     job = store.get(job_id)
     assert job.status is Status.error and job.stage is Stage.error and job.progress == 0
     assert job.error == BROKEN
@@ -202,12 +293,12 @@ async def test_a_lasting_failure_becomes_a_clear_job_error(tmp_path):
     assert AssetStore(tmp_path / "jobs").has(job_id, Asset.image)  # the image it made is kept
 
 
-async def test_a_failed_model_fails_the_job_with_its_reason(tmp_path):
+async def test_a_failed_model_fails_the_job_with_its_reason(tmp_path, store_url):
     class Broken(Flaky):
         async def status(self) -> ModelStatus:
             return ModelStatus(ModelState.failed, detail="model.ckpt: corrupt")
 
-    store, job_id = await _run_one(tmp_path, Broken(0))
+    store, job_id = await _run_one(tmp_path, store_url, Broken(0))
     assert store.get(job_id).error == ("The 3D model could not be generated: the TripoSR model is not loaded "
                                        "(model.ckpt: corrupt).")
 
@@ -240,14 +331,14 @@ class CountingBox(BoxReconstructor):
         return await super().reconstruct(image_png)
 
 
-async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(tmp_path, caplog):
-    """Two orchestrators on one SQLite file. The first stalls in its image stage past the lease; the second takes
-    the job over and completes it; when the first wakes, its writes are refused and it stops that job's work."""
-    db, jobs_dir = tmp_path / "grok3d.db", tmp_path / "jobs"
+async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(tmp_path, store_url, caplog):
+    """Two orchestrators on one store. The first stalls in its image stage past the lease; the second takes the job
+    over and completes it; when the first wakes, its writes are refused and it stops that job's work."""
+    jobs_dir = tmp_path / "jobs"
     release = threading.Event()
     first_image, first_model = MarkedImage(10, release), CountingBox()
     second_image, second_model = MarkedImage(250), CountingBox()
-    store_a, store_b = open_store(db, lease_s=0.6), open_store(db, lease_s=0.6)
+    store_a, store_b = JobStore(store_url, lease_s=0.6), JobStore(store_url, lease_s=0.6)
     job = store_b.create("cube", queue_max=10)
 
     loop_a = asyncio.new_event_loop()

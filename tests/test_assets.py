@@ -1,0 +1,148 @@
+"""The asset stores' one interface on both backends (a folder; S3 on a real S3 server on loopback, moto), and
+API.md's download rules served from object storage: streamed through, or redirected to a presigned URL."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from pipeline.objectstore import S3AssetStore
+from pipeline.storage import Asset, AssetStore
+from tests.inprocess import AppServer
+from tests.s3 import S3Server
+from tests.server import wait_job
+
+JOB = "0123abcd"
+
+
+@pytest.fixture(params=["folder", "s3"])
+def assets(request, tmp_path, monkeypatch):
+    if request.param == "folder":
+        return AssetStore(tmp_path / "jobs")
+    s3: S3Server = request.getfixturevalue("s3")
+    env = s3.env(s3.new_bucket())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return S3AssetStore.from_url(env["GROK3D_ASSETS_URL"], endpoint=s3.endpoint, scratch=tmp_path / "scratch")
+
+
+def test_write_read_stat_and_ranges(assets):
+    assert not assets.has(JOB, Asset.glb) and assets.stat(JOB, Asset.glb) is None
+    assets.write(JOB, Asset.glb, b"glTF and more bytes")
+    assert assets.has(JOB, Asset.glb) and assets.read(JOB, Asset.glb) == b"glTF and more bytes"
+    info = assets.stat(JOB, Asset.glb)
+    assert info.size == 19 and info.etag.startswith('"') and info.modified > 0
+    assert assets.read_range(JOB, Asset.glb, 0, 3) == b"glTF"
+    assert assets.read_range(JOB, Asset.glb, 14, 18) == b"bytes"
+    assets.write(JOB, Asset.glb, b"replaced")
+    assert assets.stat(JOB, Asset.glb).etag != info.etag  # a new object, a new tag
+    with pytest.raises(ValueError):
+        assets.has("../etc", Asset.glb)
+
+
+def test_producers_work_on_local_files_that_are_published_whole(assets):
+    assets.write(JOB, Asset.glb, b"the mesh")
+    with assets.local_copy(JOB, Asset.glb) as glb:
+        assert glb.read_bytes() == b"the mesh"
+    tmp = assets.scratch_path(JOB, Asset.usdz)
+    assert tmp.suffix == ".usdz"  # Blender picks the format by the extension
+    tmp.write_bytes(b"a usdz")
+    assert not assets.has(JOB, Asset.usdz)  # nothing is visible before it is published
+    assets.publish_file(JOB, Asset.usdz, tmp)
+    assert assets.read(JOB, Asset.usdz) == b"a usdz" and not tmp.exists()
+    leftover = assets.scratch_path(JOB, Asset.usdz)
+    leftover.write_bytes(b"half")
+    assets.remove_temporaries(JOB)
+    assert not leftover.exists() and assets.has(JOB, Asset.usdz)
+    assets.delete_job(JOB)
+    assert not assets.has(JOB, Asset.usdz) and not assets.has(JOB, Asset.glb)
+
+
+def test_a_presigned_url_serves_the_object_with_its_headers(assets):
+    assets.write(JOB, Asset.usdz, b"PK usdz bytes")
+    url = assets.presign(JOB, Asset.usdz, 60)
+    if isinstance(assets, AssetStore):
+        assert url is None  # a folder has nothing to sign
+        return
+    whole = httpx.get(url)
+    assert whole.status_code == 200 and whole.content == b"PK usdz bytes"
+    assert whole.headers["content-type"] == "model/vnd.usdz+zip"
+    assert whole.headers["content-disposition"] == f'inline; filename="{JOB}.usdz"'
+    part = httpx.get(url, headers={"Range": "bytes=0-1"})
+    assert part.status_code == 206 and part.content == b"PK"
+    assert httpx.get(url, headers={"If-None-Match": whole.headers["etag"]}).status_code == 304
+
+
+@pytest.fixture(scope="module")
+def served(s3, tmp_path_factory):
+    """The app with its assets in S3 (streamed through), and one finished job."""
+    bucket = s3.new_bucket()
+    env = {**s3.env(bucket), "GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
+    with AppServer(tmp_path_factory.mktemp("served"), env) as app, httpx.Client(base_url=app.url) as client:
+        job_id = client.post("/api/generate", json={"prompt": "a cube"}).json()["job_id"]
+        assert wait_job(client, job_id)["status"] == "complete"
+        store = S3AssetStore.from_url(env["GROK3D_ASSETS_URL"], endpoint=s3.endpoint,
+                                      scratch=tmp_path_factory.mktemp("scratch"))
+        yield client, job_id, store
+    assert not list((app.data_dir / "jobs").glob("*/*")) if (app.data_dir / "jobs").exists() else True
+
+
+def test_assets_stream_through_from_object_storage(served):
+    client, job_id, store = served
+    types = {"image": "image/jpeg", "glb": "model/gltf-binary", "usdz": "model/vnd.usdz+zip"}
+    for kind, media_type in types.items():
+        r = client.get(f"/api/asset/{job_id}", params={"asset_type": kind})
+        assert r.status_code == 200 and r.headers["content-type"] == media_type
+        assert r.content == store.read(job_id, Asset(kind))
+        assert r.headers["etag"] and r.headers["accept-ranges"] == "bytes" and r.headers["cache-control"] == "no-cache"
+        assert r.headers["last-modified"] and r.headers["content-length"] == str(len(r.content))
+    r = client.get(f"/api/asset/{job_id}", params={"asset_type": "glb"})
+    assert r.headers["content-disposition"] == f'attachment; filename="{job_id}.glb"'
+
+
+def test_range_etag_and_head_on_object_storage(served):
+    client, job_id, store = served
+    url = f"/api/asset/{job_id}?asset_type=glb"
+    whole = client.get(url)
+    data, size, etag = whole.content, len(whole.content), whole.headers["etag"]
+    one = client.get(url, headers={"Range": "bytes=4-11"})
+    assert one.status_code == 206 and one.content == data[4:12]
+    assert one.headers["content-range"] == f"bytes 4-11/{size}"
+    tail = client.get(url, headers={"Range": "bytes=-5"})
+    assert tail.status_code == 206 and tail.content == data[-5:]
+    several = client.get(url, headers={"Range": "bytes=0-1, 10-12, 11-14"})
+    assert several.status_code == 206
+    assert several.headers["content-type"].startswith("multipart/byteranges; boundary=")
+    assert int(several.headers["content-length"]) == len(several.content)
+    boundary = several.headers["content-type"].split("boundary=")[1]
+    parts = [p for p in several.content.split(f"--{boundary}".encode()) if p.strip(b"\r\n-")]
+    assert [p.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n") for p in parts] == [data[0:2], data[10:15]]
+    assert client.get(url, headers={"If-None-Match": etag}).status_code == 304
+    assert client.get(url, headers={"Range": "bytes=0-1", "If-Range": '"other"'}).status_code == 200
+    bad = client.get(url, headers={"Range": f"bytes={size}-"})
+    assert bad.status_code == 416 and bad.json() == {"error": "Range not satisfiable"}
+    assert bad.headers["content-range"] == f"bytes */{size}"
+    head = client.head(url)
+    assert head.status_code == 200 and head.content == b"" and head.headers["content-length"] == str(size)
+    assert head.headers["etag"] == etag
+    store.delete_job(job_id)
+    gone = client.get(url)
+    assert gone.status_code == 404 and gone.json() == {"error": "Asset not found"}
+
+
+def test_downloads_redirect_to_presigned_urls_when_configured(s3, tmp_path):
+    env = {**s3.env(s3.new_bucket()), "GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key",
+           "GROK3D_ASSETS_REDIRECT_S": "120"}
+    with AppServer(tmp_path, env) as app, httpx.Client(base_url=app.url) as client:
+        job_id = client.post("/api/generate", json={"prompt": "a cube"}).json()["job_id"]
+        assert wait_job(client, job_id)["status"] == "complete"
+        url = f"/api/asset/{job_id}?asset_type=usdz"
+        redirect = client.get(url)
+        assert redirect.status_code == 307 and "X-Amz-Signature=" in redirect.headers["location"]
+        assert redirect.headers["location"].startswith(s3.endpoint)
+        direct = httpx.get(redirect.headers["location"], headers={"Range": "bytes=0-1"})
+        assert direct.status_code == 206 and direct.content == b"PK"  # a zip
+        assert direct.headers["content-type"] == "model/vnd.usdz+zip"
+        head = client.head(url)  # answered by the API: a URL signed for GET does not answer HEAD
+        assert head.status_code == 200 and head.headers["content-type"] == "model/vnd.usdz+zip"
+        assert client.get(f"/api/asset/{job_id}?asset_type=nope").status_code == 400
