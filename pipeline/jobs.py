@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
@@ -45,6 +45,22 @@ class Stage(str, Enum):
     error = "error"
 
 
+class Source(str, Enum):
+    """Where a job's picture comes from."""
+
+    prompt = "prompt"  # made by xAI from the prompt
+    upload = "upload"  # sent by the client: the xAI call is skipped
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a client may choose per job (API.md §1). None: the service's default."""
+
+    resolution: int | None = None  # marching-cubes grid, cells per side
+    face_limit: int | None = None  # at most this many triangles
+    size_m: float | None = None  # largest side of the delivered model, metres
+
+
 ACTIVE = (Status.queued.value, Status.processing.value)
 _FORWARD = list(Stage)[:-1]  # the running order; `error` is reached only through fail()
 
@@ -67,7 +83,7 @@ class Job:
     """One row of the `jobs` table, field for field (a test holds the two together)."""
 
     job_id: str
-    prompt: str
+    prompt: str | None
     status: Status
     stage: Stage
     progress: int
@@ -78,11 +94,21 @@ class Job:
     owner: str | None
     lease_until: float | None
     attempt: int
+    source: Source
+    resolution: int | None
+    face_limit: int | None
+    size_m: float | None
+    mesh: dict | None
 
     @classmethod
     def from_row(cls, row) -> Job:
         values = row._mapping
-        return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"])})
+        return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"]),
+                      "source": Source(values["source"])})
+
+    @property
+    def options(self) -> JobOptions:
+        return JobOptions(self.resolution, self.face_limit, self.size_m)
 
 
 @dataclass(frozen=True)
@@ -161,12 +187,19 @@ class JobStore:
 
     # -- writes ---------------------------------------------------------------------------------------------
 
-    def create(self, prompt: str, *, queue_max: int) -> Job:
-        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull)."""
+    def create(self, prompt: str | None, *, queue_max: int, source: Source = Source.prompt,
+               options: JobOptions = JobOptions(), on_insert: Callable[[str], None] | None = None) -> Job:
+        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull).
+
+        `on_insert(job_id)` runs inside the inserting transaction, once the id is known to be free and before any
+        other process can see the job: a job that needs a file from its client (an upload) is never claimed
+        without it. If it raises, the job is not created."""
         now = utc_now_iso()
         for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
             values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
-                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now)
+                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now,
+                          source=source.value, resolution=options.resolution, face_limit=options.face_limit,
+                          size_m=options.size_m)
             try:
                 with self._write() as conn:
                     active = conn.execute(select(func.count()).select_from(jobs)
@@ -174,6 +207,8 @@ class JobStore:
                     if active >= queue_max:
                         raise QueueFull()
                     row = conn.execute(insert(jobs).values(**values).returning(*jobs.c)).one()
+                    if on_insert is not None:
+                        on_insert(row.job_id)
                 return Job.from_row(row)
             except exc.IntegrityError:
                 continue
@@ -215,7 +250,7 @@ class JobStore:
             ).all()
         return {job_id: attempt for job_id, attempt in rows}
 
-    def advance(self, lease: Lease, stage: Stage, progress: int, **fields: str | None) -> None:
+    def advance(self, lease: Lease, stage: Stage, progress: int, **fields: object) -> None:
         """Move a running job forward: `stage` is the stored one or a later one, and progress never decreases (a
         lower value keeps the stored one). Raises LeaseLost when `lease` no longer holds, ValueError when `stage`
         lies behind the stored stage."""

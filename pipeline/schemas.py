@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 
-from pipeline.jobs import Stage, Status
+from pipeline.jobs import Source, Stage, Status
 
 MAX_PROMPT_CHARS = 1024
 MAX_BODY_BYTES = 64 * 1024
@@ -44,6 +44,16 @@ class GenerateResponse(BaseModel):
     status: Status
 
 
+class MeshReport(BaseModel):
+    """What a client needs to decide without downloading (API.md §2), trimesh's numbers for the delivered GLB."""
+
+    faces: int
+    vertices: int
+    watertight: bool
+    size_m: tuple[float, float, float]  # extents along x, y, z, metres
+    volume_m3: float | None  # cubic metres; null unless watertight
+
+
 class JobStatus(BaseModel):
     """API.md §2. Each field is the job's field of the same name (pipeline.jobs.Job), so the status route copies
     them by name."""
@@ -53,9 +63,14 @@ class JobStatus(BaseModel):
     stage: Stage
     progress: int
     created_at: str
-    prompt: str
+    prompt: str | None  # null only for a job made from an uploaded picture without a caption
     error: str | None = None
     model_version: str | None = None
+    source: Source = Source.prompt
+    resolution: int | None = None
+    face_limit: int | None = None
+    size_m: float | None = None
+    mesh: MeshReport | None = None
 
 
 class Example(BaseModel):
