@@ -213,7 +213,7 @@ class Orchestrator:
     async def _reconstruct_stage(self, job: Job, lease: Lease) -> None:
         await self._wait_for_model()
         png = await asyncio.to_thread(self.assets.read, job.job_id, Asset.input)
-        result = await self.stages.reconstruct.reconstruct(png)
+        result = await self.stages.reconstruct.reconstruct(png, job.resolution)
         await self._publish(lease, Asset.glb, result.glb)
         # The version comes with the mesh, from the batch that made it.
         await self._db(self.store.advance, lease, Stage.generating_3d, 70, model_version=result.model_version)

@@ -77,7 +77,7 @@ class BoxReconstructor:
             return ModelStatus(ModelState.loading)
         return ModelStatus(ModelState.ready, version="test:box")
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         _record("3d")
         await asyncio.sleep(_seconds("TEST_3D_SLEEP_S"))
         if b"fail-3d" in image_png:
