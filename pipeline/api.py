@@ -19,17 +19,20 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match, Route
 
 from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
 from pipeline.head import serve_head
-from pipeline.jobs import Job, JobStore, QueueFull, Status, Stage
+from pipeline.jobs import Job, JobOptions, JobStore, QueueFull, Source, Status, Stage
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
+from pipeline.uploads import IMAGE_TOO_LARGE, MAX_UPLOAD_BYTES, Upload, UploadError, decode_base64, read_upload
 from pipeline.web import mount_web
 from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
                               is_example_id, is_job_id)
@@ -183,36 +186,140 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 past 64 KiB whether or not the client declared its length."""
+# The largest bodies read: a JSON body's picture is base64 (4 characters per 3 bytes); a form's is a file part.
+# Either has room for the other fields (MAX_BODY_BYTES). A JSON body without a picture stays within MAX_BODY_BYTES.
+MAX_JSON_BODY_BYTES = schemas.MAX_BODY_BYTES + (MAX_UPLOAD_BYTES + 2) // 3 * 4
+MAX_FORM_BODY_BYTES = schemas.MAX_BODY_BYTES + MAX_UPLOAD_BYTES
+FORM_FIELDS = ("prompt", "image", "resolution", "face_limit", "size_m")
+
+
+async def _bounded_stream(request: Request, limit: int, message: str) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 past `limit` whether or not the client declared its length."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > schemas.MAX_BODY_BYTES:
-        raise ApiError(413, "Request body too large")
-    chunks: list[bytes] = []
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, message)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > schemas.MAX_BODY_BYTES:
+        if size > limit:
+            raise ApiError(413, message)
+        yield chunk
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _bounded_stream(request, limit, "Request body too large")])
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+async def _read_generate(request: Request) -> tuple[schemas.GenerateRequest, bytes | None]:
+    """The request of API.md §1 and its picture's bytes (None: a prompt job), from a JSON body or a form."""
+    if _is_form(request):
+        return await _read_form(request)
+    body = await _read_body(request, MAX_JSON_BODY_BYTES)
+    parsed = _validated(lambda: schemas.GenerateRequest.model_validate_json(body))
+    if parsed.image is None:
+        if len(body) > schemas.MAX_BODY_BYTES:  # API.md's 64 KiB for a prompt, as before pictures existed
             raise ApiError(413, "Request body too large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        return _validated(lambda: parsed.with_image(False)), None
+    picture = _upload_step(lambda: decode_base64(parsed.image))
+    return _validated(lambda: parsed.with_image(True)).model_copy(update={"image": None}), picture
 
 
-def _parse_generate(body: bytes) -> schemas.GenerateRequest:
+async def _read_form(request: Request) -> tuple[schemas.GenerateRequest, bytes | None]:
+    """multipart/form-data: the picture as a file part named `image`, the other fields as text parts."""
+    stream = _bounded_stream(request, MAX_FORM_BODY_BYTES, IMAGE_TOO_LARGE)
+    parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=len(FORM_FIELDS),
+                             max_part_size=schemas.MAX_BODY_BYTES)
     try:
-        return schemas.GenerateRequest.model_validate_json(body)
+        form = await parser.parse()
+    except MultiPartException:
+        raise ApiError(400, "Invalid request body") from None
+    try:
+        fields = {name: value for name, value in form.multi_items() if name in FORM_FIELDS}
+        image = fields.pop("image", None)
+        if isinstance(image, UploadFile):
+            if image.size is not None and image.size > MAX_UPLOAD_BYTES:
+                raise ApiError(413, IMAGE_TOO_LARGE)
+            picture = await image.read()
+        elif isinstance(image, str):  # a text part: base64, as in JSON
+            picture = _upload_step(lambda: decode_base64(image))
+        else:
+            picture = None
+        parsed = _validated(lambda: schemas.GenerateRequest.model_validate(fields).with_image(picture is not None))
+        return parsed, picture
+    finally:
+        await form.close()
+
+
+async def _read_upload(picture: bytes) -> Upload:
+    """Decoding takes a moment for a large picture: off the event loop."""
+    try:
+        return await asyncio.to_thread(read_upload, picture)
+    except UploadError as exc:
+        raise ApiError(exc.status_code, exc.message) from None
+
+
+# The form of API.md §1 as OpenAPI documents a file upload.
+_FORM_SCHEMA = {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
+    "prompt": {"type": "string", "description": "an optional caption"},
+    "resolution": {"type": "integer", "minimum": schemas.RESOLUTION_RANGE[0], "maximum": schemas.RESOLUTION_RANGE[1]},
+    "face_limit": {"type": "integer", "minimum": schemas.FACE_LIMIT_RANGE[0], "maximum": schemas.FACE_LIMIT_RANGE[1]},
+    "size_m": {"type": "number", "minimum": schemas.SIZE_M_RANGE[0], "maximum": schemas.SIZE_M_RANGE[1]},
+}, "required": ["image"]}
+
+
+def _validated(build: Callable[[], schemas.GenerateRequest]) -> schemas.GenerateRequest:
+    try:
+        return build()
     except ValidationError as exc:
         raise ApiError(400, schemas.request_error(exc)) from None
 
 
-async def _check_backends(runtime: Runtime) -> None:
-    """503 before a job is accepted that could not finish. The model's state is the one the reconstruct stage
-    already knows (no round trip to the model on the submission path)."""
+def _upload_step(step: Callable[[], object]):
+    try:
+        return step()
+    except UploadError as exc:
+        raise ApiError(exc.status_code, exc.message) from None
+
+
+async def _check_image_backend(runtime: Runtime) -> None:
     if getattr(runtime.stages.image, "unavailable", False):
         raise ApiError(503, NOT_CONFIGURED)
+
+
+async def _check_model(runtime: Runtime) -> None:
+    """503 before a job is accepted that could not finish. The model's state is the one the reconstruct stage
+    already knows (no round trip to the model on the submission path)."""
     status = await runtime.stages.reconstruct.status()
     if status.state in (ModelState.missing, ModelState.failed):
         raise ApiError(503, MODEL_NOT_LOADED)
+
+
+def _options(settings: Settings, request: schemas.GenerateRequest) -> JobOptions:
+    """What the job runs with, defaults filled in, so its status shows them."""
+    return JobOptions(resolution=request.resolution or settings.triposr_mc_resolution, face_limit=request.face_limit,
+                      size_m=request.size_m or settings.model_size_m)
+
+
+def _create_upload_job(runtime: Runtime, request: schemas.GenerateRequest, upload: Upload) -> Job:
+    """Stage the picture and its JPEG, then create the job; the files join its folder inside the creating
+    transaction, so no orchestrator ever claims an upload job without its picture (blocking: run in a thread)."""
+    assets = runtime.assets
+    staged = {Asset.upload: assets.stage(upload.data), Asset.image: assets.stage(upload.jpeg)}
+    try:
+        def adopt(job_id: str) -> None:
+            for asset, path in staged.items():
+                assets.adopt(path, job_id, asset)
+
+        return runtime.store.create(request.prompt, queue_max=runtime.settings.queue_max, source=Source.upload,
+                                    options=_options(runtime.settings, request), on_insert=adopt)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
 
 
 def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
@@ -247,13 +354,21 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
               responses=_errors(400, 413, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}}})
+                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()},
+                  "multipart/form-data": {"schema": _FORM_SCHEMA}}}})
     async def generate(request: Request) -> schemas.GenerateResponse:
         runtime = _runtime(request)
-        body = _parse_generate(await _read_body(request))
-        await _check_backends(runtime)
+        body, picture = await _read_generate(request)
+        if picture is None:
+            await _check_image_backend(runtime)
+        await _check_model(runtime)
         try:
-            job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max)
+            if picture is None:
+                job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max,
+                                              options=_options(runtime.settings, body))
+            else:
+                upload = await _read_upload(picture)
+                job = await asyncio.to_thread(_create_upload_job, runtime, body, upload)
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None

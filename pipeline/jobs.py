@@ -267,18 +267,20 @@ class JobStore:
             raise LeaseLost(lease.job_id)
         raise ValueError(f"job {lease.job_id} would move back from {current} to {stage.value}")
 
-    def finish(self, lease: Lease) -> None:
-        self._end(lease, Status.complete, Stage.complete, 100, None)
+    def finish(self, lease: Lease, *, mesh: dict | None = None) -> None:
+        """Complete the job; `mesh`: the report of its delivered GLB (API.md §2)."""
+        self._end(lease, Status.complete, Stage.complete, 100, None, mesh=mesh)
 
     def fail(self, lease: Lease, error: str) -> None:
         self._end(lease, Status.error, Stage.error, 0, error)
 
-    def _end(self, lease: Lease, status: Status, stage: Stage, progress: int, error: str | None) -> None:
+    def _end(self, lease: Lease, status: Status, stage: Stage, progress: int, error: str | None,
+             **fields: object) -> None:
         with self._write() as conn:
             done = conn.execute(
                 update(jobs).where(_fenced(lease))
                 .values(status=status.value, stage=stage.value, progress=progress, error=error, owner=None,
-                        lease_until=None, updated_at=utc_now_iso())
+                        lease_until=None, updated_at=utc_now_iso(), **fields)
             ).rowcount
         if done != 1:
             raise LeaseLost(lease.job_id)

@@ -24,7 +24,8 @@ from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
-from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
+from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Source, Stage, process_owner_id
+from pipeline.meshes import finish_glb, mesh_report
 from pipeline.retry import RetryPolicy
 from pipeline.stages import ModelState, Stages
 from pipeline.storage import Asset, AssetStore, publish, temp_path_for
@@ -152,7 +153,8 @@ class Orchestrator:
             stage = Stage.converting_usdz
             if not self.assets.has(jid, Asset.usdz):
                 await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
-            await self._db(self.store.finish, lease)
+            glb = await asyncio.to_thread(self.assets.read, jid, Asset.glb)
+            await self._db(self.store.finish, lease, mesh=await asyncio.to_thread(mesh_report, glb))
             log.info("job %s complete", jid)
         except asyncio.CancelledError:
             if jid not in self._lost:  # a lost lease was logged where it was found
@@ -201,20 +203,26 @@ class Orchestrator:
 
     async def _image_stage(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
-        if self.assets.has(jid, Asset.image):  # made before a restart
-            jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
+        if job.source is Source.upload:
+            # No xAI call: the client's picture (its JPEG is the job's image already) is framed as it was sent,
+            # so that its transparency is the cut-out.
+            picture = await asyncio.to_thread(self.assets.read, jid, Asset.upload)
+        elif self.assets.has(jid, Asset.image):  # made before a restart
+            picture = await asyncio.to_thread(self.assets.read, jid, Asset.image)
         else:
-            jpeg = await self.stages.image.generate_image(job.prompt)
-            await self._publish(lease, Asset.image, jpeg)
+            picture = await self.stages.image.generate_image(job.prompt)
+            await self._publish(lease, Asset.image, picture)
             await self._db(self.store.advance, lease, Stage.generating_image, 20)
-        png = await self.stages.prepare.prepare_image(jpeg)
+        png = await self.stages.prepare.prepare_image(picture)
         await self._publish(lease, Asset.input, png)
 
     async def _reconstruct_stage(self, job: Job, lease: Lease) -> None:
         await self._wait_for_model()
         png = await asyncio.to_thread(self.assets.read, job.job_id, Asset.input)
         result = await self.stages.reconstruct.reconstruct(png, job.resolution)
-        await self._publish(lease, Asset.glb, result.glb)
+        # The job's face limit and size (pipeline/meshes.py), before anything is made from the GLB.
+        glb = await asyncio.to_thread(finish_glb, result.glb, face_limit=job.face_limit, size_m=job.size_m)
+        await self._publish(lease, Asset.glb, glb)
         # The version comes with the mesh, from the batch that made it.
         await self._db(self.store.advance, lease, Stage.generating_3d, 70, model_version=result.model_version)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
 from enum import Enum
 from pathlib import Path
 
@@ -18,13 +19,15 @@ EXAMPLE_PREFIX = "ex_"
 class Asset(str, Enum):
     """The files a job produces, in the order its stages produce them."""
 
-    image = "image"  # the picture from xAI, JPEG
+    upload = "upload"  # the picture a client sent, as sent (not served: `image` is its JPEG)
+    image = "image"  # the picture from xAI, or the upload upright as JPEG
     input = "input"  # the matted, framed picture TripoSR sees (kept for debugging, not served)
     glb = "glb"
     usdz = "usdz"
 
 
-FILE_NAMES = {Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb", Asset.usdz: "model.usdz"}
+FILE_NAMES = {Asset.upload: "upload", Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb",
+              Asset.usdz: "model.usdz"}
 MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip"}
 DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz"}
 # glTF viewers download; images and USDZ open inline (Safari hands an inline USDZ to AR Quick Look).
@@ -109,12 +112,39 @@ def current_umask() -> int:
     return mask
 
 
+STAGED_PREFIX = ".staged-"
+STAGED_MAX_AGE_S = 3600.0  # a staged file this old was left by a crash: no submission takes that long
+
+
 class AssetStore:
     """Job folders under `$GROK3D_DATA_DIR/jobs/`. The narrow interface an object store would replace."""
 
     def __init__(self, jobs_dir: Path) -> None:
         self.root = jobs_dir
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staged()
+
+    def stage(self, data: bytes) -> Path:
+        """Write a file for a job that does not exist yet, durably, beside the job folders; `adopt` gives it to the
+        job once its id is known (inside the transaction that creates it)."""
+        path = self.root / f"{STAGED_PREFIX}{secrets.token_hex(8)}"
+        write_atomic(path, data)
+        return path
+
+    def adopt(self, staged: Path, job_id: str, asset: Asset) -> None:
+        """Move a staged file into its job's folder: a rename, cheap enough to run inside a transaction."""
+        path = self.path(job_id, asset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, path)
+
+    def _remove_stale_staged(self) -> None:
+        """Staged files a crash left between staging and adoption (another process may be staging right now)."""
+        for staged in self.root.glob(f"{STAGED_PREFIX}*"):
+            try:
+                if time.time() - staged.stat().st_mtime > STAGED_MAX_AGE_S:
+                    staged.unlink()
+            except FileNotFoundError:
+                pass
 
     def job_dir(self, job_id: str) -> Path:
         if not is_job_id(job_id):  # the only guard between a URL and the file system

@@ -75,16 +75,41 @@ class BoxReconstructor:
             raise RuntimeError("status exploded")
         if time.monotonic() < self._ready_at:
             return ModelStatus(ModelState.loading)
-        return ModelStatus(ModelState.ready, version="test:box")
+        return ModelStatus(ModelState.ready, version=self.version)
 
     async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         _record("3d")
+        if path := os.environ.get("TEST_RESOLUTION_LOG"):
+            with open(path, "a") as f:
+                f.write(f"{resolution}\n")
         await asyncio.sleep(_seconds("TEST_3D_SLEEP_S"))
         if b"fail-3d" in image_png:
             raise StageError("The 3D model could not be generated: test failure.")
+        return Reconstruction(glb=self.mesh().export(file_type="glb"), model_version=self.version)
+
+    version = "test:box"
+
+    def mesh(self) -> trimesh.Trimesh:
         mesh = trimesh.creation.box((0.5, 0.3, 0.4))
         mesh.visual.vertex_colors = np.tile([200, 30, 30, 255], (len(mesh.vertices), 1))
-        return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:box")
+        return mesh
+
+
+class SphereReconstructor(BoxReconstructor):
+    """A sphere of 20,480 faces in API.md's frame (0.5 m across, resting on y = 0), red above y = 0.3 m and blue
+    below: enough faces to decimate, and colours whose place a test knows."""
+
+    version = "test:sphere"
+
+    def mesh(self) -> trimesh.Trimesh:
+        mesh = trimesh.creation.icosphere(subdivisions=5, radius=0.25)
+        mesh.apply_translation([0, 0.25, 0])
+        colours = np.where(mesh.vertices[:, 1:2] > SPHERE_SPLIT_Y_M, [[200, 20, 20, 255]], [[20, 20, 200, 255]])
+        mesh.visual.vertex_colors = colours.astype(np.uint8)
+        return mesh
+
+
+SPHERE_SPLIT_Y_M = 0.3
 
 
 class ZipConverter:
@@ -122,4 +147,21 @@ def real_convert(settings: Settings, reconstructor: Reconstructor | None = None)
     from pipeline.backends import converter
 
     return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=BoxReconstructor(),
+                  convert=converter(settings))
+
+
+def real_prepare(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real image preparer (matting, framing on grey: what an uploaded picture goes through), quick stages
+    around it; without XAI_API_KEY the image stage is unavailable, as in production."""
+    from pipeline.imaging import TripoSRImagePreparer
+
+    image = SleepyImage() if settings.xai_api_key else Unavailable("Image generation is not configured.")
+    return Stages(image=image, prepare=TripoSRImagePreparer(), reconstruct=BoxReconstructor(), convert=ZipConverter())
+
+
+def real_formats(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real Blender pool behind the USDZ stage and the formats made on demand, for a coloured sphere."""
+    from pipeline.backends import converter
+
+    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=SphereReconstructor(),
                   convert=converter(settings))

@@ -343,7 +343,9 @@ def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     spec = client.get("/api/openapi.json").json()
     assert "422" not in str(spec) and "HTTPValidationError" not in str(spec)
     generate = spec["paths"]["/api/generate"]["post"]
-    assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
+    body = generate["requestBody"]["content"]
+    assert body["application/json"]["schema"]["anyOf"] == [{"required": ["prompt"]}, {"required": ["image"]}]
+    assert body["multipart/form-data"]["schema"]["required"] == ["image"]
     assert set(generate["responses"]) == {"200", "400", "413", "429", "503"}
     assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
 
