@@ -26,6 +26,7 @@ from starlette.routing import Match, Route
 
 from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
+from pipeline.formats import FormatError, FormatMaker
 from pipeline.head import serve_head
 from pipeline.jobs import Job, JobOptions, JobStore, QueueFull, Source, Status, Stage
 from pipeline.orchestrator import Orchestrator
@@ -34,8 +35,8 @@ from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
 from pipeline.uploads import IMAGE_TOO_LARGE, MAX_UPLOAD_BYTES, Upload, UploadError, decode_base64, read_upload
 from pipeline.web import mount_web
-from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
-                              is_example_id, is_job_id)
+from pipeline.storage import (BY_FILE_NAME, DISPOSITION, DOWNLOAD_SUFFIX, FILE_NAMES, MEDIA_TYPES, ON_DEMAND,
+                              SERVED_ASSETS, Asset, AssetStore, is_example_id, is_job_id)
 
 log = logging.getLogger("grok3d.api")
 
@@ -60,6 +61,7 @@ class Runtime:
     catalog: ExampleCatalog
     stages: Stages
     orchestrator: Orchestrator
+    formats: FormatMaker
 
 
 StagesFactory = Callable[[Settings], Stages]
@@ -133,9 +135,10 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     for backend in (stages.image, stages.prepare, stages.reconstruct, stages.convert):
         if hasattr(backend, "start"):
             await backend.start()
+    formats = FormatMaker(stages.convert)
     orchestrator = Orchestrator(store, assets, stages, image_concurrency=settings.image_concurrency,
                                 reconstruct_concurrency=settings.reconstruct_concurrency,
-                                max_running=settings.queue_max)
+                                max_running=settings.queue_max, formats=formats)
     await orchestrator.start()
     log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir,
              await asyncio.to_thread(store.count_active))
@@ -143,7 +146,7 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
     gc.freeze()
-    return Runtime(settings, store, assets, catalog, stages, orchestrator)
+    return Runtime(settings, store, assets, catalog, stages, orchestrator, formats)
 
 
 async def _stop_runtime(runtime: Runtime) -> None:
@@ -395,23 +398,22 @@ def _install_routes(app: FastAPI) -> None:
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
     app.router.routes.insert(0, Route("/api/status/{job_id:path}", status, methods=["GET"]))
 
-    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404))
+    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404, 503))
     async def asset(job_id: str, request: Request) -> Response:
-        runtime = _runtime(request)
         asset_type = request.query_params.get("asset_type")
         kind = next((a for a in SERVED_ASSETS if a.value == asset_type), None)
         if kind is None:
             raise ApiError(400, "Invalid asset type")
-        if is_example_id(job_id):
-            example = runtime.catalog.get(job_id)
-            if example is None:
-                raise ApiError(404, "Job not found")
-            path = example.path(kind)
-        elif await _get_job(runtime, job_id) is not None:
-            path = runtime.assets.path(job_id, kind)
-        else:
-            raise ApiError(404, "Job not found")
-        return _file_response(request, path, job_id, kind)
+        return await _serve_asset(request, job_id, kind)
+
+    # The same files at URLs that end in their extension (AR Quick Look has refused URLs without one on some iOS
+    # releases): /api/jobs/{job_id}/model.usdz, model.glb, image.jpg, ... (storage.FILE_NAMES).
+    @app.get("/api/jobs/{job_id}/{name}", responses=_errors(404, 503))
+    async def asset_file(job_id: str, name: str, request: Request) -> Response:
+        kind = BY_FILE_NAME.get(name)
+        if kind is None:
+            raise ApiError(404, "Not found")
+        return await _serve_asset(request, job_id, kind)
 
     @app.get("/api/examples", response_model=schemas.ExamplesResponse)
     async def examples(request: Request) -> schemas.ExamplesResponse:
@@ -435,6 +437,28 @@ def _install_routes(app: FastAPI) -> None:
             if match is Match.PARTIAL:
                 raise ApiError(405, "Method not allowed")
         raise ApiError(404, "Not found")
+
+
+async def _serve_asset(request: Request, job_id: str, kind: Asset) -> Response:
+    """A job's or an example's file; a format made on demand is made first (pipeline/formats.py)."""
+    runtime = _runtime(request)
+    if is_example_id(job_id):
+        example = runtime.catalog.get(job_id)
+        if example is None:
+            raise ApiError(404, "Job not found")
+        glb, path = example.path(Asset.glb), example.path(kind)
+        if kind in ON_DEMAND and not path.is_file():  # shipped examples are read-only: their formats go here
+            path = runtime.settings.data_dir / "example-formats" / job_id / FILE_NAMES[kind]
+    elif await _get_job(runtime, job_id) is not None:
+        glb, path = runtime.assets.path(job_id, Asset.glb), runtime.assets.path(job_id, kind)
+    else:
+        raise ApiError(404, "Job not found")
+    if kind in ON_DEMAND:
+        try:
+            await runtime.formats.ensure(glb, path, kind)
+        except FormatError as exc:
+            raise ApiError(exc.status_code, exc.message, exc.headers) from None
+    return _file_response(request, path, job_id, kind)
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:

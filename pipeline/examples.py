@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from pipeline.jobs import JobStore, Status
-from pipeline.storage import EXAMPLE_PREFIX, SERVED_ASSETS, Asset, AssetStore, FILE_NAMES, write_atomic
+from pipeline.storage import EXAMPLE_PREFIX, Asset, AssetStore, FILE_NAMES, write_atomic
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "examples"
 SLUG_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -43,6 +43,10 @@ class Example:
         return EXAMPLE_PREFIX + self.entry.slug
 
     def path(self, asset: Asset) -> Path:
+        # A shipped example's picture is the render of its model (converters/blender/examples.py): its preview too.
+        # A promoted job brings its own preview when it had one.
+        if asset is Asset.preview and not (self.folder / FILE_NAMES[asset]).is_file():
+            asset = Asset.image
         return self.folder / FILE_NAMES[asset]
 
 
@@ -112,7 +116,9 @@ def promote(job_id: str, name: str, description: str, *, store: JobStore, assets
     entries = [e for e in read_catalog(root) if e.slug != slug]
     folder = root / slug
     folder.mkdir(parents=True, exist_ok=True)
-    for asset in SERVED_ASSETS:
+    for asset in (Asset.image, Asset.glb, Asset.usdz, Asset.preview):
+        if asset is Asset.preview and not assets.has(job_id, asset):
+            continue  # jobs made before previews existed
         tmp = folder / f".{FILE_NAMES[asset]}.tmp"
         shutil.copyfile(assets.path(job_id, asset), tmp)
         tmp.replace(folder / FILE_NAMES[asset])

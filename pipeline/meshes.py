@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import threading
+from pathlib import Path
 
 import fast_simplification
 import numpy as np
@@ -92,3 +93,22 @@ def mesh_report(glb: bytes) -> dict:
     watertight = bool(mesh.is_watertight)
     return {"faces": int(len(mesh.faces)), "vertices": int(len(mesh.vertices)), "watertight": watertight,
             "size_m": [float(x) for x in mesh.extents], "volume_m3": float(mesh.volume) if watertight else None}
+
+
+# glTF's frame (Y up, front +Z) to the build plate's (Z up, front -Y): (x, y, z) -> (x, -z, y), a rotation.
+Y_UP_TO_Z_UP = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
+MILLIMETRES_PER_METRE = 1000.0
+
+
+def write_printable(glb_path: Path, out: Path, kind: str) -> None:
+    """STL (binary) or 3MF for printing, in the build plate's frame: Z up, the model's front facing -Y, resting
+    on z = 0, in millimetres. 3MF declares its unit (trimesh writes `unit="millimeter"`, the spec's default); STL
+    has none, and millimetres are what every slicer assumes. Colours are not kept (STL has none; slicers read
+    3MF's colour extension unevenly). Blocking: run it in a thread."""
+    try:
+        mesh = load_glb(glb_path.read_bytes())
+    except Exception as exc:  # trimesh raises many kinds for a damaged file
+        raise StageError(f"The 3D model file could not be read ({type(exc).__name__}).") from None
+    printable = trimesh.Trimesh(vertices=np.asarray(mesh.vertices) @ Y_UP_TO_Z_UP.T * MILLIMETRES_PER_METRE,
+                                faces=np.asarray(mesh.faces), process=False)
+    out.write_bytes(printable.export(file_type={"stl": "stl", "3mf": "3mf"}[kind]))

@@ -24,6 +24,7 @@ from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
+from pipeline.formats import FormatError, FormatMaker
 from pipeline.jobs import Job, JobStore, Lease, LeaseLost, Source, Stage, process_owner_id
 from pipeline.meshes import finish_glb, mesh_report
 from pipeline.retry import RetryPolicy
@@ -55,8 +56,11 @@ class Orchestrator:
         retries: int = 3,
         retry_backoff_s: float = 2.0,
         model_wait_s: float = 1.0,
+        formats: FormatMaker | None = None,
     ) -> None:
         self.store = store
+        # The preview is made with the USDZ, through the maker the asset route uses: never twice at once.
+        self._formats = formats or FormatMaker(stages.convert)
         self.assets = assets
         self.stages = stages
         self.owner = process_owner_id()
@@ -153,6 +157,8 @@ class Orchestrator:
             stage = Stage.converting_usdz
             if not self.assets.has(jid, Asset.usdz):
                 await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
+            elif not self.assets.has(jid, Asset.preview):  # interrupted between the USDZ and its preview
+                await self._preview(job)
             glb = await asyncio.to_thread(self.assets.read, jid, Asset.glb)
             await self._db(self.store.finish, lease, mesh=await asyncio.to_thread(mesh_report, glb))
             log.info("job %s complete", jid)
@@ -247,6 +253,16 @@ class Orchestrator:
             await asyncio.to_thread(publish, tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+        await self._db(self.store.advance, lease, Stage.converting_usdz, 90)
+        await self._preview(job)
+
+    async def _preview(self, job: Job) -> None:
+        """The render shown in job lists: a job without one is still complete (the page shows its image)."""
+        try:
+            await self._formats.ensure(self.assets.path(job.job_id, Asset.glb),
+                                       self.assets.path(job.job_id, Asset.preview), Asset.preview)
+        except FormatError as exc:
+            log.warning("job %s: no preview (%s)", job.job_id, exc.message)
 
 
 def _passing(exc: BaseException) -> bool:

@@ -17,22 +17,41 @@ EXAMPLE_PREFIX = "ex_"
 
 
 class Asset(str, Enum):
-    """The files a job produces, in the order its stages produce them."""
+    """The files a job produces, in the order its stages produce them, then the formats made on first request."""
 
     upload = "upload"  # the picture a client sent, as sent (not served: `image` is its JPEG)
     image = "image"  # the picture from xAI, or the upload upright as JPEG
     input = "input"  # the matted, framed picture TripoSR sees (kept for debugging, not served)
     glb = "glb"
     usdz = "usdz"
+    preview = "preview"  # a render of the mesh, made with the USDZ
+    glb_textured = "glb_textured"  # the GLB with the USDZ's baked texture and UVs
+    obj = "obj"  # a zip of OBJ, MTL and the baked texture
+    stl = "stl"
+    threemf = "3mf"
+    fbx = "fbx"
 
 
 FILE_NAMES = {Asset.upload: "upload", Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb",
-              Asset.usdz: "model.usdz"}
-MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip"}
-DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz"}
-# glTF viewers download; images and USDZ open inline (Safari hands an inline USDZ to AR Quick Look).
-DISPOSITION = {Asset.image: "inline", Asset.glb: "attachment", Asset.usdz: "inline"}
-SERVED_ASSETS = (Asset.image, Asset.glb, Asset.usdz)
+              Asset.usdz: "model.usdz", Asset.preview: "preview.jpg", Asset.glb_textured: "model_textured.glb",
+              Asset.obj: "model.obj.zip", Asset.stl: "model.stl", Asset.threemf: "model.3mf", Asset.fbx: "model.fbx"}
+# Registered media types where there is one (model/stl and model/3mf: IANA; model/vnd.usdz+zip: Apple's); FBX has
+# none, so it goes as plain bytes.
+MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip",
+               Asset.preview: "image/jpeg", Asset.glb_textured: "model/gltf-binary", Asset.obj: "application/zip",
+               Asset.stl: "model/stl", Asset.threemf: "model/3mf", Asset.fbx: "application/octet-stream"}
+# The download's name is `{job_id}.{suffix}`.
+DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz", Asset.preview: "preview.jpg",
+                   Asset.glb_textured: "textured.glb", Asset.obj: "obj.zip", Asset.stl: "stl", Asset.threemf: "3mf",
+                   Asset.fbx: "fbx"}
+# Pictures and USDZ open inline (Safari hands an inline USDZ to AR Quick Look); model files download.
+DISPOSITION = {asset: "attachment" for asset in MEDIA_TYPES} | {Asset.image: "inline", Asset.usdz: "inline",
+                                                                Asset.preview: "inline"}
+SERVED_ASSETS = tuple(MEDIA_TYPES)
+# Made on a client's first request for them (pipeline/formats.py), from the GLB.
+ON_DEMAND = (Asset.preview, Asset.glb_textured, Asset.obj, Asset.stl, Asset.threemf, Asset.fbx)
+# The path form of the asset URLs, /api/jobs/{job_id}/{name}: each name ends in its file's extension.
+BY_FILE_NAME = {FILE_NAMES[asset]: asset for asset in SERVED_ASSETS}
 
 
 def new_job_id() -> str:

@@ -96,29 +96,38 @@ class BoxReconstructor:
 
 
 class SphereReconstructor(BoxReconstructor):
-    """A sphere of 20,480 faces in API.md's frame (0.5 m across, resting on y = 0), red above y = 0.3 m and blue
-    below: enough faces to decimate, and colours whose place a test knows."""
+    """An egg of 20,480 faces in API.md's frame: 0.5 x 0.3 x 0.46 m, resting on y = 0, its front (+z) bulging
+    more than its back; red on top (y > 0.22 m), green in front (z > 0.16 m), blue elsewhere. Enough faces to
+    decimate, extents that tell the axes apart, and colours whose place a test knows."""
 
-    version = "test:sphere"
+    version = "test:egg"
 
     def mesh(self) -> trimesh.Trimesh:
-        mesh = trimesh.creation.icosphere(subdivisions=5, radius=0.25)
-        mesh.apply_translation([0, 0.25, 0])
-        colours = np.where(mesh.vertices[:, 1:2] > SPHERE_SPLIT_Y_M, [[200, 20, 20, 255]], [[20, 20, 200, 255]])
+        mesh = trimesh.creation.icosphere(subdivisions=5, radius=1.0)
+        v = mesh.vertices
+        mesh.vertices = np.stack([v[:, 0] * 0.25, v[:, 1] * 0.15 + 0.15, v[:, 2] * np.where(v[:, 2] > 0, 0.26, 0.2)],
+                                 axis=1)
+        colours = np.tile([20, 20, 200, 255], (len(v), 1))
+        colours[mesh.vertices[:, 2] > EGG_FRONT_Z_M] = [20, 180, 20, 255]
+        colours[mesh.vertices[:, 1] > EGG_TOP_Y_M] = [200, 20, 20, 255]
         mesh.visual.vertex_colors = colours.astype(np.uint8)
         return mesh
 
 
-SPHERE_SPLIT_Y_M = 0.3
+EGG_TOP_Y_M, EGG_FRONT_Z_M = 0.22, 0.16
 
 
 class ZipConverter:
-    """Writes a zip holding the GLB (a stand-in USDZ: USDZ is a zip) after TEST_CONVERT_SLEEP_S."""
+    """Writes a zip holding the GLB (a stand-in USDZ: USDZ is a zip) after TEST_CONVERT_SLEEP_S, and a grey
+    square as the preview. It has no `export`: the Blender formats answer that no converter runs."""
 
     async def convert(self, glb_path: Path, usdz_path: Path) -> None:
         await asyncio.sleep(_seconds("TEST_CONVERT_SLEEP_S"))
         with zipfile.ZipFile(usdz_path, "w", zipfile.ZIP_STORED) as z:
             z.write(glb_path, "model.glb")
+
+    async def render_preview(self, glb_path: Path, jpeg_path: Path) -> None:
+        Image.new("RGB", (64, 64), (150, 150, 160)).save(jpeg_path, "JPEG")
 
 
 def sleepy(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
