@@ -11,7 +11,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +28,7 @@ from pipeline import schemas
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
 from pipeline.formats import FormatError, FormatMaker
 from pipeline.head import serve_head
+from pipeline.meshes import mesh_report
 from pipeline.jobs import Job, JobOptions, JobStore, QueueFull, Source, Status, Stage
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response
@@ -62,6 +63,7 @@ class Runtime:
     stages: Stages
     orchestrator: Orchestrator
     formats: FormatMaker
+    example_meshes: dict = field(default_factory=dict)  # (example id, GLB mtime) -> its mesh report
 
 
 StagesFactory = Callable[[Settings], Stages]
@@ -222,7 +224,12 @@ async def _read_generate(request: Request) -> tuple[schemas.GenerateRequest, byt
     if _is_form(request):
         return await _read_form(request)
     body = await _read_body(request, MAX_JSON_BODY_BYTES)
-    parsed = _validated(lambda: schemas.GenerateRequest.model_validate_json(body))
+    try:
+        parsed = schemas.GenerateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        # Past 64 KiB only a body with a picture is read: anything else is refused for its size, as before.
+        raise (ApiError(413, "Request body too large") if len(body) > schemas.MAX_BODY_BYTES
+               else ApiError(400, schemas.request_error(exc))) from None
     if parsed.image is None:
         if len(body) > schemas.MAX_BODY_BYTES:  # API.md's 64 KiB for a prompt, as before pictures existed
             raise ApiError(413, "Request body too large")
@@ -334,6 +341,19 @@ def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
                              progress=100, created_at=entry.created_at, prompt=entry.prompt)
 
 
+async def _example_mesh(runtime: Runtime, example_id: str) -> dict | None:
+    """An example's mesh report, read once per GLB file (examples do not change in place, only when promoted)."""
+    example = runtime.catalog.get(example_id)
+    path = example.path(Asset.glb) if example is not None else None
+    try:
+        key = (example_id, path.stat().st_mtime_ns) if path is not None else None
+    except FileNotFoundError:
+        return None
+    if key not in runtime.example_meshes:
+        runtime.example_meshes[key] = await asyncio.to_thread(lambda: mesh_report(path.read_bytes()))
+    return runtime.example_meshes[key]
+
+
 # The status object of API.md §2, field by field from the job (JobStatus documents it; the hot path does not
 # re-validate a row the store wrote).
 STATUS_FIELDS = tuple(schemas.JobStatus.model_fields)
@@ -388,7 +408,9 @@ def _install_routes(app: FastAPI) -> None:
         job_id = request.path_params["job_id"]
         runtime = _runtime(request)
         if is_example_id(job_id):
-            return JSONResponse(_example_status(runtime, job_id).model_dump())
+            body = _example_status(runtime, job_id).model_dump()
+            body["mesh"] = await _example_mesh(runtime, job_id)
+            return JSONResponse(body)
         job = await _get_job(runtime, job_id)
         if job is None:
             raise ApiError(404, "Job not found")

@@ -10,7 +10,6 @@ import re
 import subprocess
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -216,6 +215,8 @@ def test_an_examples_formats_are_made_too(client, server):
     mesh = trimesh.load(io.BytesIO(get(client, "ex_mars-habitat", "stl").content), file_type="stl", force="mesh")
     glb = trimesh.load(io.BytesIO(get(client, "ex_mars-habitat", "glb").content), file_type="glb", force="mesh")
     assert len(mesh.faces) == len(glb.faces)
+    report = client.get("/api/status/ex_mars-habitat").json()["mesh"]
+    assert report["faces"] == len(glb.faces) and report["size_m"] == pytest.approx(list(glb.extents), abs=1e-9)
     assert get(client, "ex_mars-habitat", "preview").content == get(client, "ex_mars-habitat", "image").content
     assert (server.data_dir / "example-formats" / "ex_mars-habitat" / "model.stl").is_file()
 

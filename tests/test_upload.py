@@ -179,6 +179,8 @@ def test_a_prompt_body_keeps_its_64_kib_limit(client):
     body = b'{"prompt": "' + b"x" * (64 * 1024) + b'", "resolution": 64}'
     assert_error(client.post("/api/generate", content=body, headers={"content-type": "application/json"}), 413,
                  "Request body too large")
+    garbage = b"{" + b"x" * (64 * 1024)  # not JSON at all, and too large: refused for its size, as before
+    assert_error(client.post("/api/generate", content=garbage), 413, "Request body too large")
 
 
 def test_a_form_without_a_picture_is_a_prompt_request(client):
