@@ -112,7 +112,7 @@ def test_the_preview_is_made_with_the_usdz(client, server, job):
     assert r.headers["content-type"] == "image/jpeg"
     assert r.headers["content-disposition"] == f'inline; filename="{job["job_id"]}.preview.jpg"'
     picture = Image.open(io.BytesIO(r.content)).convert("RGB")
-    assert picture.size == (512, 512)
+    assert picture.size == (256, 256)
     assert np.asarray(picture).std() > 10  # a model on a background, not a blank frame
 
 
