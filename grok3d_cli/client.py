@@ -84,8 +84,16 @@ class Api:
             return body
         raise _refusal(self.url, response, body)
 
-    def generate(self, prompt: str) -> dict[str, Any]:
-        return self._json("POST", "/api/generate", json={"prompt": prompt})
+    def generate(self, prompt: str | None, *, image: bytes | None = None, image_name: str | None = None,
+                 **options: Any) -> dict[str, Any]:
+        """A prompt job (JSON), or a picture job (multipart/form-data, the prompt as its caption); `options`:
+        resolution, face_limit, size_m (API.md §1)."""
+        if image is None:
+            return self._json("POST", "/api/generate", json={"prompt": prompt, **options})
+        fields = {name: str(value) for name, value in options.items()}
+        if prompt is not None:
+            fields["prompt"] = prompt
+        return self._json("POST", "/api/generate", files={"image": (image_name or "picture", image)}, data=fields)
 
     def status(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/api/status/{_segment(job_id)}")

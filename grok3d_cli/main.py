@@ -21,8 +21,10 @@ from grok3d_cli.progress import ProgressBar
 DEFAULT_SERVER = "http://localhost:8000"
 POLL_S = 0.5
 STREAM_RETRIES = 3  # reconnections (with Last-Event-ID) before falling back to polling
-# (asset_type of API.md, file suffix): the order in which a job produces them.
-ASSETS = (("image", "jpg"), ("glb", "glb"), ("usdz", "usdz"))
+# asset_type of API.md -> the downloaded file's suffix, in the order a job makes them.
+SUFFIXES = {"image": "jpg", "glb": "glb", "usdz": "usdz", "preview": "preview.jpg", "glb_textured": "textured.glb",
+            "obj": "obj.zip", "stl": "stl", "3mf": "3mf", "fbx": "fbx"}
+DEFAULT_FORMATS = ("image", "glb", "usdz")
 
 
 def default_server() -> str:
@@ -45,11 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_common_options(common, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    generate = commands.add_parser("generate", parents=[common], help="make a 3D model from a prompt",
-                                   description="Submit a prompt, follow the job, download its image, GLB and USDZ.")
-    generate.add_argument("prompt", help="what to make, e.g. \"a red teapot\"")
+    generate = commands.add_parser("generate", parents=[common], help="make a 3D model from a prompt or a picture",
+                                   description="Submit a prompt or a picture, follow the job, download its files "
+                                               "(by default its image, GLB and USDZ).")
+    generate.add_argument("prompt", nargs="?", help="what to make, e.g. \"a red teapot\"; with --image, a caption")
+    generate.add_argument("--image", type=Path, metavar="FILE",
+                          help="make the model from this picture (JPEG, PNG or WebP, up to 10 MiB) instead of xAI's")
+    generate.add_argument("--resolution", type=int, metavar="N", help="marching-cubes grid, 32 to 512")
+    generate.add_argument("--face-limit", type=int, metavar="N", help="at most N triangles (100 to 1000000)")
+    generate.add_argument("--size-m", type=float, metavar="METRES", help="largest side of the model, 0.01 to 100")
+    generate.add_argument("--format", action="append", metavar="TYPE", type=_formats,
+                          help="what to download, comma separated or repeated: %s (default: %s)"
+                               % (", ".join(SUFFIXES), ",".join(DEFAULT_FORMATS)))
     generate.add_argument("-o", "--output", type=Path, default=Path("."), metavar="DIR",
-                          help="folder for <job_id>.jpg, .glb and .usdz (default: the current folder)")
+                          help="folder for <job_id>.jpg, .glb, .usdz, ... (default: the current folder)")
     generate.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS",
                           help="give up waiting after this long; the job goes on (default: 3600)")
     generate.set_defaults(run=cmd_generate)
@@ -123,8 +134,23 @@ def wait_for_job(api: Api, job_id: str, timeout_s: float, bar: ProgressBar) -> d
         time.sleep(POLL_S)
 
 
+def _formats(text: str) -> list[str]:
+    chosen = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SUFFIXES]
+    if unknown or not chosen:
+        raise argparse.ArgumentTypeError(f"unknown format {', '.join(unknown) or repr(text)}; choose from "
+                                         f"{', '.join(SUFFIXES)}")
+    return chosen
+
+
 def cmd_generate(api: Api, args: argparse.Namespace) -> int:
-    job_id = api.generate(args.prompt)["job_id"]
+    if args.prompt is None and args.image is None:
+        raise CliError("give a prompt, or a picture with --image FILE", 2)
+    options = {name: value for name, value in (("resolution", args.resolution), ("face_limit", args.face_limit),
+                                               ("size_m", args.size_m)) if value is not None}
+    picture = args.image.read_bytes() if args.image is not None else None
+    job_id = api.generate(args.prompt, image=picture, image_name=args.image.name if args.image else None,
+                          **options)["job_id"]
     print(f"job {job_id} queued", file=sys.stderr)
     bar = ProgressBar()
     try:
@@ -135,8 +161,9 @@ def cmd_generate(api: Api, args: argparse.Namespace) -> int:
         bar.close()
     if status["status"] == "error":
         raise CliError(f"job {job_id} failed: {status.get('error') or 'no reason given'}", EXIT_REFUSED)
-    for asset_type, suffix in ASSETS:
-        target = args.output / f"{job_id}.{suffix}"
+    chosen = [name for group in args.format or [list(DEFAULT_FORMATS)] for name in group]
+    for asset_type in dict.fromkeys(chosen):  # each once, in the order given
+        target = args.output / f"{job_id}.{SUFFIXES[asset_type]}"
         api.download(job_id, asset_type, target)
         print(target)
     return 0
@@ -147,11 +174,17 @@ def cmd_status(api: Api, args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
-    fields = ["job_id", "status", "stage", "progress", "prompt", "created_at", "model_version", "error"]
+    fields = ["job_id", "status", "stage", "progress", "prompt", "source", "created_at", "model_version",
+              "resolution", "face_limit", "size_m", "error"]
     for name in fields:
         if status.get(name) is not None:
             suffix = "%" if name == "progress" else ""
             print(f"{name + ':':15}{status[name]}{suffix}")
+    if mesh := status.get("mesh"):
+        volume = f", {mesh['volume_m3']:.6g} m³" if mesh.get("volume_m3") is not None else ""
+        size = " x ".join(f"{side:.3f}" for side in mesh["size_m"])
+        print(f"{'mesh:':15}{mesh['faces']} faces, {mesh['vertices']} vertices, {size} m, "
+              f"{'watertight' if mesh['watertight'] else 'not watertight'}{volume}")
     return 0
 
 

@@ -16,7 +16,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,22 +24,28 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match, Route
 
 from pipeline import schemas, webhooks
 from pipeline.events import event_stream, fixed_events, job_events, last_event_id
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
+from pipeline.formats import FormatError, FormatMaker
 from pipeline.head import is_head, serve_head
-from pipeline.jobs import IdempotencyKey, IdempotencyMismatch, Job, JobStore, QueueFull, Status, Stage
+from pipeline.jobs import (IdempotencyKey, IdempotencyMismatch, Job, JobOptions, JobStore, QueueFull, Source,
+                           Stage, Status, Submission)
 from pipeline.lifecycle import Lifecycle, caller_scope, scope_key
+from pipeline.meshes import mesh_report
 from pipeline.orchestrator import Orchestrator
 from pipeline.responses import file_response, object_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
+from pipeline.uploads import IMAGE_TOO_LARGE, MAX_UPLOAD_BYTES, Upload, UploadError, decode_base64, read_upload
 from pipeline.web import mount_web
-from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, MEDIA_TYPES, SERVED_ASSETS, Asset, AssetStore,
-                              is_example_id, is_job_id, open_asset_store)
+from pipeline.storage import (BY_FILE_NAME, DISPOSITION, DOWNLOAD_SUFFIX, FILE_NAMES, MEDIA_TYPES, ON_DEMAND,
+                              SERVED_ASSETS, Asset, AssetStore, is_example_id, is_job_id, open_asset_store)
 
 log = logging.getLogger("grok3d.api")
 
@@ -76,6 +82,8 @@ class Runtime:
     orchestrator: Orchestrator
     lifecycle: Lifecycle
     webhooks: webhooks.WebhookSender
+    formats: FormatMaker
+    example_meshes: dict = field(default_factory=dict)  # (example id, GLB mtime) -> its mesh report
 
 
 StagesFactory = Callable[[Settings], Stages]
@@ -164,9 +172,10 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
         if lifecycle is not None:
             lifecycle.job_ended(job_id)
 
+    formats = FormatMaker(stages.convert)
     orchestrator = Orchestrator(store, assets, stages, image_concurrency=settings.image_concurrency,
                                 reconstruct_concurrency=settings.reconstruct_concurrency,
-                                max_running=settings.queue_max, on_end=job_ended)
+                                max_running=settings.queue_max, on_end=job_ended, formats=formats)
     lifecycle = Lifecycle(store, assets, orchestrator, sweep_interval_s=settings.sweep_interval_s)
     await orchestrator.start()
     await sender.start()
@@ -178,7 +187,7 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
     gc.freeze()
-    return Runtime(settings, store, assets, catalog, stages, orchestrator, lifecycle, sender)
+    return Runtime(settings, store, assets, catalog, stages, orchestrator, lifecycle, sender, formats)
 
 
 async def _stop_runtime(runtime: Runtime) -> None:
@@ -223,36 +232,152 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def _read_body(request: Request) -> bytes:
-    """The body, refused with 413 past 64 KiB whether or not the client declared its length."""
+# The largest bodies read: a JSON body's picture is base64 (4 characters per 3 bytes); a form's is a file part.
+# Either has room for the other fields (MAX_BODY_BYTES). A JSON body without a picture stays within MAX_BODY_BYTES.
+MAX_JSON_BODY_BYTES = schemas.MAX_BODY_BYTES + (MAX_UPLOAD_BYTES + 2) // 3 * 4
+MAX_FORM_BODY_BYTES = schemas.MAX_BODY_BYTES + MAX_UPLOAD_BYTES
+FORM_FIELDS = ("prompt", "image", "resolution", "face_limit", "size_m")
+
+
+async def _bounded_stream(request: Request, limit: int, message: str) -> AsyncIterator[bytes]:
+    """The body's chunks, refused with 413 past `limit` whether or not the client declared its length."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > schemas.MAX_BODY_BYTES:
-        raise ApiError(413, "Request body too large")
-    chunks: list[bytes] = []
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, message)
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > schemas.MAX_BODY_BYTES:
-            raise ApiError(413, "Request body too large")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        if size > limit:
+            raise ApiError(413, message)
+        yield chunk
 
 
-def _parse_generate(body: bytes) -> schemas.GenerateRequest:
+async def _read_body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _bounded_stream(request, limit, "Request body too large")])
+
+
+def _is_form(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower() == "multipart/form-data"
+
+
+async def _read_generate(request: Request) -> tuple[schemas.GenerateRequest, bytes | None]:
+    """The request of API.md §1 and its picture's bytes (None: a prompt job), from a JSON body or a form."""
+    if _is_form(request):
+        return await _read_form(request)
+    body = await _read_body(request, MAX_JSON_BODY_BYTES)
     try:
-        return schemas.GenerateRequest.model_validate_json(body)
+        parsed = schemas.GenerateRequest.model_validate_json(body)
+    except ValidationError as exc:
+        # Past 64 KiB only a body with a picture is read: anything else is refused for its size, as before.
+        raise (ApiError(413, "Request body too large") if len(body) > schemas.MAX_BODY_BYTES
+               else ApiError(400, schemas.request_error(exc))) from None
+    if parsed.image is None:
+        if len(body) > schemas.MAX_BODY_BYTES:  # API.md's 64 KiB for a prompt, as before pictures existed
+            raise ApiError(413, "Request body too large")
+        return _validated(lambda: parsed.with_image(False)), None
+    picture = _upload_step(lambda: decode_base64(parsed.image))
+    return _validated(lambda: parsed.with_image(True)).model_copy(update={"image": None}), picture
+
+
+async def _read_form(request: Request) -> tuple[schemas.GenerateRequest, bytes | None]:
+    """multipart/form-data: the picture as a file part named `image`, the other fields as text parts."""
+    stream = _bounded_stream(request, MAX_FORM_BODY_BYTES, IMAGE_TOO_LARGE)
+    parser = MultiPartParser(request.headers, stream, max_files=1, max_fields=len(FORM_FIELDS),
+                             max_part_size=schemas.MAX_BODY_BYTES)
+    try:
+        form = await parser.parse()
+    except MultiPartException:
+        raise ApiError(400, "Invalid request body") from None
+    try:
+        fields = {name: value for name, value in form.multi_items() if name in FORM_FIELDS}
+        image = fields.pop("image", None)
+        if isinstance(image, UploadFile):
+            if image.size is not None and image.size > MAX_UPLOAD_BYTES:
+                raise ApiError(413, IMAGE_TOO_LARGE)
+            picture = await image.read()
+        elif isinstance(image, str):  # a text part: base64, as in JSON
+            picture = _upload_step(lambda: decode_base64(image))
+        else:
+            picture = None
+        parsed = _validated(lambda: schemas.GenerateRequest.model_validate(fields).with_image(picture is not None))
+        return parsed, picture
+    finally:
+        await form.close()
+
+
+async def _read_upload(picture: bytes) -> Upload:
+    """Decoding takes a moment for a large picture: off the event loop."""
+    try:
+        return await asyncio.to_thread(read_upload, picture)
+    except UploadError as exc:
+        raise ApiError(exc.status_code, exc.message) from None
+
+
+# The form of API.md §1 as OpenAPI documents a file upload.
+_FORM_SCHEMA = {"type": "object", "properties": {
+    "image": {"type": "string", "format": "binary", "description": "JPEG, PNG or WebP"},
+    "prompt": {"type": "string", "description": "an optional caption"},
+    "resolution": {"type": "integer", "minimum": schemas.RESOLUTION_RANGE[0], "maximum": schemas.RESOLUTION_RANGE[1]},
+    "face_limit": {"type": "integer", "minimum": schemas.FACE_LIMIT_RANGE[0], "maximum": schemas.FACE_LIMIT_RANGE[1]},
+    "size_m": {"type": "number", "minimum": schemas.SIZE_M_RANGE[0], "maximum": schemas.SIZE_M_RANGE[1]},
+}, "required": ["image"]}
+
+
+def _validated(build: Callable[[], schemas.GenerateRequest]) -> schemas.GenerateRequest:
+    try:
+        return build()
     except ValidationError as exc:
         raise ApiError(400, schemas.request_error(exc)) from None
 
 
-async def _check_backends(runtime: Runtime) -> None:
-    """503 before a job is accepted that could not finish. The model's state is the one the reconstruct stage
-    already knows (no round trip to the model on the submission path)."""
+def _upload_step(step: Callable[[], object]):
+    try:
+        return step()
+    except UploadError as exc:
+        raise ApiError(exc.status_code, exc.message) from None
+
+
+async def _check_image_backend(runtime: Runtime) -> None:
     if getattr(runtime.stages.image, "unavailable", False):
         raise ApiError(503, NOT_CONFIGURED)
+
+
+async def _check_model(runtime: Runtime) -> None:
+    """503 before a job is accepted that could not finish. The model's state is the one the reconstruct stage
+    already knows (no round trip to the model on the submission path)."""
     status = await runtime.stages.reconstruct.status()
     if status.state in (ModelState.missing, ModelState.failed):
         raise ApiError(503, MODEL_NOT_LOADED)
+
+
+def _options(settings: Settings, request: schemas.GenerateRequest) -> JobOptions:
+    """What the job runs with, defaults filled in, so its status shows them."""
+    return JobOptions(resolution=request.resolution or settings.triposr_mc_resolution, face_limit=request.face_limit,
+                      size_m=request.size_m or settings.model_size_m)
+
+
+def _create_upload_job(runtime: Runtime, request: schemas.GenerateRequest, upload: Upload,
+                       key: IdempotencyKey | None) -> Submission:
+    """Create the job with its picture and the picture's JPEG: the files join the job inside the creating
+    transaction, so no orchestrator ever claims an upload job without its picture (blocking: run in a thread).
+    A folder store stages them first (a rename then joins them); an object store writes them whole there."""
+    assets = runtime.assets
+    files = {Asset.upload: upload.data, Asset.image: upload.jpeg}
+    staged = {asset: assets.stage(data) for asset, data in files.items()} if hasattr(assets, "stage") else {}
+    try:
+        def join(job_id: str) -> None:
+            for asset, data in files.items():
+                if asset in staged:
+                    assets.adopt(staged[asset], job_id, asset)
+                else:
+                    assets.write(job_id, asset, data)
+
+        return runtime.store.submit(request.prompt, queue_max=runtime.settings.queue_max, source=Source.upload,
+                                    callback_url=request.callback_url, idempotency=key,
+                                    options=_options(runtime.settings, request), on_insert=join)
+    finally:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
 
 
 def _example_status(runtime: Runtime, job_id: str) -> schemas.JobStatus:
@@ -270,6 +395,19 @@ def status_body(runtime: Runtime, job: Job) -> dict:
     return runtime.store.status_of(job)
 
 
+async def _example_mesh(runtime: Runtime, example_id: str) -> dict | None:
+    """An example's mesh report, read once per GLB file (examples do not change in place, only when promoted)."""
+    example = runtime.catalog.get(example_id)
+    path = example.path(Asset.glb) if example is not None else None
+    try:
+        key = (example_id, path.stat().st_mtime_ns) if path is not None else None
+    except FileNotFoundError:
+        return None
+    if key not in runtime.example_meshes:
+        runtime.example_meshes[key] = await asyncio.to_thread(lambda: mesh_report(path.read_bytes()))
+    return runtime.example_meshes[key]
+
+
 async def _get_job(runtime: Runtime, job_id: str) -> Job | None:
     return await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None
 
@@ -284,22 +422,30 @@ def _install_routes(app: FastAPI) -> None:
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
               responses=_errors(400, 413, 422, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
-                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}},
+                  "application/json": {"schema": schemas.GenerateRequest.model_json_schema()},
+                  "multipart/form-data": {"schema": _FORM_SCHEMA}}},
                   "parameters": [{"name": "Idempotency-Key", "in": "header", "required": False,
                                   "schema": {"type": "string", "maxLength": 255},
                                   "description": "The same key and body within 24 hours return the same job_id "
                                                  "and start nothing new (API.md §1)."}]})
     async def generate(request: Request) -> Response:
         runtime = _runtime(request)
-        body = _parse_generate(await _read_body(request))
-        key = _idempotency_key(request, body)
+        body, picture = await _read_generate(request)
+        upload = await _read_upload(picture) if picture is not None else None
+        key = _idempotency_key(request, body, upload.data if upload is not None else None)
         if body.callback_url is not None:
             await _check_callback(runtime, body.callback_url)
-        await _check_backends(runtime)
+        if upload is None:
+            await _check_image_backend(runtime)
+        await _check_model(runtime)
         try:
-            submission = await asyncio.to_thread(runtime.store.submit, body.prompt,
-                                                 queue_max=runtime.settings.queue_max,
-                                                 callback_url=body.callback_url, idempotency=key)
+            if upload is None:
+                submission = await asyncio.to_thread(runtime.store.submit, body.prompt,
+                                                     queue_max=runtime.settings.queue_max,
+                                                     callback_url=body.callback_url, idempotency=key,
+                                                     options=_options(runtime.settings, body))
+            else:
+                submission = await asyncio.to_thread(_create_upload_job, runtime, body, upload, key)
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None
@@ -324,7 +470,9 @@ def _install_routes(app: FastAPI) -> None:
         job_id = request.path_params["job_id"]
         runtime = _runtime(request)
         if is_example_id(job_id):
-            return JSONResponse(_example_status(runtime, job_id).model_dump())
+            body = _example_status(runtime, job_id).model_dump()
+            body["mesh"] = await _example_mesh(runtime, job_id)
+            return JSONResponse(body)
         job = await _get_job(runtime, job_id)
         if job is None:
             raise ApiError(404, "Job not found")
@@ -334,25 +482,22 @@ def _install_routes(app: FastAPI) -> None:
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
     app.router.routes.insert(0, Route("/api/status/{job_id:path}", status, methods=["GET"]))
 
-    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404))
+    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404, 503))
     async def asset(job_id: str, request: Request) -> Response:
-        runtime = _runtime(request)
         asset_type = request.query_params.get("asset_type")
         kind = next((a for a in SERVED_ASSETS if a.value == asset_type), None)
         if kind is None:
             raise ApiError(400, "Invalid asset type")
-        if is_example_id(job_id):
-            example = runtime.catalog.get(job_id)
-            if example is None:
-                raise ApiError(404, "Job not found")
-            path = example.path(kind)
-        elif await _get_job(runtime, job_id) is not None:
-            path = runtime.assets.local_path(job_id, kind)
-            if path is None:  # object storage
-                return await _object_response(request, runtime, job_id, kind)
-        else:
-            raise ApiError(404, "Job not found")
-        return _file_response(request, path, job_id, kind)
+        return await _serve_asset(request, job_id, kind)
+
+    # The same files at URLs that end in their extension (AR Quick Look has refused URLs without one on some iOS
+    # releases): /api/jobs/{job_id}/model.usdz, model.glb, image.jpg, ... (storage.FILE_NAMES).
+    @app.get("/api/jobs/{job_id}/{name}", responses=_errors(404, 503))
+    async def asset_file(job_id: str, name: str, request: Request) -> Response:
+        kind = BY_FILE_NAME.get(name)
+        if kind is None:
+            raise ApiError(404, "Not found")
+        return await _serve_asset(request, job_id, kind)
 
     @app.get("/api/examples", response_model=schemas.ExamplesResponse)
     async def examples(request: Request) -> schemas.ExamplesResponse:
@@ -380,16 +525,20 @@ def _install_routes(app: FastAPI) -> None:
         raise ApiError(404, "Not found")
 
 
-def _idempotency_key(request: Request, body: schemas.GenerateRequest) -> IdempotencyKey | None:
+def _idempotency_key(request: Request, body: schemas.GenerateRequest,
+                     picture: bytes | None = None) -> IdempotencyKey | None:
     """The request's Idempotency-Key (Stripe's header), with the caller's scope and a hash of the request as
-    validated (so spacing or key order in the JSON does not make it another request)."""
+    validated (so spacing or key order in the JSON does not make it another request) and of its picture."""
     key = request.headers.get("idempotency-key")
     if key is None:
         return None
     if not 1 <= len(key) <= 255 or not all(0x20 <= ord(c) < 0x7F for c in key):
         raise ApiError(400, IDEMPOTENCY_KEY_INVALID)
-    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return IdempotencyKey(scope_key(caller_scope(request)), key, hashlib.sha256(canonical.encode()).hexdigest())
+    digest = hashlib.sha256(json.dumps(body.model_dump(mode="json", exclude={"image"}), sort_keys=True,
+                                       separators=(",", ":")).encode())
+    if picture is not None:
+        digest.update(hashlib.sha256(picture).digest())
+    return IdempotencyKey(scope_key(caller_scope(request)), key, digest.hexdigest())
 
 
 async def _check_callback(runtime: Runtime, url: str) -> None:
@@ -522,6 +671,33 @@ async def _object_response(request: Request, runtime: Runtime, job_id: str, kind
     return object_response(request, info, lambda first, last: assets.iter_range(job_id, kind, first, last),
                            MEDIA_TYPES[kind], filename=f"{job_id}.{DOWNLOAD_SUFFIX[kind]}",
                            disposition=DISPOSITION[kind])
+
+
+async def _serve_asset(request: Request, job_id: str, kind: Asset) -> Response:
+    """A job's or an example's file; a format made on demand is made first (pipeline/formats.py)."""
+    runtime = _runtime(request)
+    if is_example_id(job_id):
+        example = runtime.catalog.get(job_id)
+        if example is None:
+            raise ApiError(404, "Job not found")
+        glb, path = example.path(Asset.glb), example.path(kind)
+        if kind in ON_DEMAND and not path.is_file():  # shipped examples are read-only: their formats go here
+            path = runtime.settings.data_dir / "example-formats" / job_id / FILE_NAMES[kind]
+    elif await _get_job(runtime, job_id) is not None:
+        glb, path = runtime.assets.local_path(job_id, Asset.glb), runtime.assets.local_path(job_id, kind)
+        if path is None:  # object storage: its files stream from there; formats on request need a folder
+            if kind in ON_DEMAND:
+                raise ApiError(404, "This format is made on request, which needs the folder asset store "
+                                    "(GROK3D_ASSETS_URL unset or a folder)")
+            return await _object_response(request, runtime, job_id, kind)
+    else:
+        raise ApiError(404, "Job not found")
+    if kind in ON_DEMAND:
+        try:
+            await runtime.formats.ensure(glb, path, kind)
+        except FormatError as exc:
+            raise ApiError(exc.status_code, exc.message, exc.headers) from None
+    return _file_response(request, path, job_id, kind)
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:

@@ -16,7 +16,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import (Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
+from sqlalchemy import (JSON, Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, inspect, text)
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
@@ -30,7 +30,7 @@ jobs = Table(
     "jobs",
     metadata,
     Column("job_id", String(8), primary_key=True),
-    Column("prompt", Text, nullable=False),
+    Column("prompt", Text),  # the user's words; for a job made from an uploaded picture, its caption or NULL
     Column("status", String(16), nullable=False),  # pipeline.jobs.Status
     Column("stage", String(32), nullable=False),  # pipeline.jobs.Stage
     Column("progress", Integer, nullable=False),
@@ -43,6 +43,15 @@ jobs = Table(
     Column("owner", Text),
     Column("lease_until", Float),
     Column("attempt", Integer, nullable=False, server_default=text("0")),
+    # Where the picture comes from (pipeline.jobs.Source): xAI from the prompt, or the client's upload.
+    Column("source", String(16), nullable=False, server_default=text("'prompt'")),
+    # The job's options (API.md §1); NULL in jobs made before options existed, which get the service's defaults.
+    Column("resolution", Integer),  # marching-cubes grid, cells per side
+    Column("face_limit", Integer),  # at most this many triangles; NULL: as TripoSR made it
+    Column("size_m", Float),  # largest side of the delivered model, metres
+    # The mesh report of API.md §2 ({"faces", "vertices", "watertight", "size_m", "volume_m3"}), written with
+    # the GLB, so the status route copies it without reading the mesh.
+    Column("mesh", JSON),
     # The life cycle (pipeline/lifecycle.py): where the job's webhook goes and how its delivery stands (null, or
     # pending, retrying, delivered, failed: pipeline/webhooks.py); a client's cancel request, which fences every
     # later stage write; a deletion under way (the row is hidden until its files are gone); and the number of

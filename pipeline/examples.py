@@ -43,6 +43,10 @@ class Example:
         return EXAMPLE_PREFIX + self.entry.slug
 
     def path(self, asset: Asset) -> Path:
+        # A shipped example's picture is the render of its model (converters/blender/examples.py): its preview too.
+        # A promoted job brings its own preview when it had one.
+        if asset is Asset.preview and not (self.folder / FILE_NAMES[asset]).is_file():
+            asset = Asset.image
         return self.folder / FILE_NAMES[asset]
 
 
@@ -112,7 +116,9 @@ def promote(job_id: str, name: str, description: str, *, store: JobStore, assets
     entries = [e for e in read_catalog(root) if e.slug != slug]
     folder = root / slug
     folder.mkdir(parents=True, exist_ok=True)
-    for asset in SERVED_ASSETS:  # from the folder or the object store alike
+    for asset in (Asset.image, Asset.glb, Asset.usdz, Asset.preview):  # from the folder or the object store alike
+        if asset is Asset.preview and not assets.has(job_id, asset):
+            continue  # jobs made before previews existed
         write_atomic(folder / FILE_NAMES[asset], assets.read(job_id, asset))
     entry = CatalogEntry(slug=slug, name=name, description=description, prompt=job.prompt,
                          created_at=job.created_at)

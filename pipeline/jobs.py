@@ -18,7 +18,7 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
@@ -49,6 +49,22 @@ class Stage(str, Enum):
     converting_usdz = "converting_usdz"
     complete = "complete"
     error = "error"
+
+
+class Source(str, Enum):
+    """Where a job's picture comes from."""
+
+    prompt = "prompt"  # made by xAI from the prompt
+    upload = "upload"  # sent by the client: the xAI call is skipped
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What a client may choose per job (API.md §1). None: the service's default."""
+
+    resolution: int | None = None  # marching-cubes grid, cells per side
+    face_limit: int | None = None  # at most this many triangles
+    size_m: float | None = None  # largest side of the delivered model, metres
 
 
 ACTIVE = (Status.queued.value, Status.processing.value)
@@ -107,7 +123,7 @@ class Job:
     """One row of the `jobs` table, field for field (a test holds the two together)."""
 
     job_id: str
-    prompt: str
+    prompt: str | None
     status: Status
     stage: Stage
     progress: int
@@ -118,6 +134,11 @@ class Job:
     owner: str | None
     lease_until: float | None
     attempt: int
+    source: Source
+    resolution: int | None
+    face_limit: int | None
+    size_m: float | None
+    mesh: dict | None
     callback_url: str | None
     webhook_status: str | None
     cancel_requested: int
@@ -127,7 +148,12 @@ class Job:
     @classmethod
     def from_row(cls, row) -> Job:
         values = row._mapping
-        return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"])})
+        return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"]),
+                      "source": Source(values["source"])})
+
+    @property
+    def options(self) -> JobOptions:
+        return JobOptions(self.resolution, self.face_limit, self.size_m)
 
 
 @dataclass(frozen=True)
@@ -262,21 +288,32 @@ class JobStore:
 
     # -- writes ---------------------------------------------------------------------------------------------
 
-    def create(self, prompt: str, *, queue_max: int, callback_url: str | None = None) -> Job:
-        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull)."""
-        return self.submit(prompt, queue_max=queue_max, callback_url=callback_url).job
+    def create(self, prompt: str | None, *, queue_max: int, callback_url: str | None = None,
+               source: Source = Source.prompt, options: JobOptions = JobOptions(),
+               on_insert: Callable[[str], None] | None = None) -> Job:
+        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull); see `submit`."""
+        return self.submit(prompt, queue_max=queue_max, callback_url=callback_url, source=source, options=options,
+                           on_insert=on_insert).job
 
-    def submit(self, prompt: str, *, queue_max: int, callback_url: str | None = None,
-               idempotency: IdempotencyKey | None = None) -> Submission:
-        """Insert a queued job (see `create`). With an idempotency key seen in the last 24 hours, the job it made
-        then instead, and nothing new (IdempotencyMismatch when it came with another request). Two concurrent
-        submissions of one key make one job: the key's row is written in the job's transaction under a primary
-        key, so the later one fails, goes round again and finds the earlier one's job."""
+    def submit(self, prompt: str | None, *, queue_max: int, callback_url: str | None = None,
+               idempotency: IdempotencyKey | None = None, source: Source = Source.prompt,
+               options: JobOptions = JobOptions(), on_insert: Callable[[str], None] | None = None) -> Submission:
+        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull).
+
+        With an idempotency key seen in the last 24 hours, the job it made then instead, and nothing new
+        (IdempotencyMismatch when it came with another request). Two concurrent submissions of one key make one
+        job: the key's row is written in the job's transaction under a primary key, so the later one fails, goes
+        round again and finds the earlier one's job.
+
+        `on_insert(job_id)` runs inside the inserting transaction, once the id is known to be free and before any
+        other process can see the job: a job that needs a file from its client (an upload) is never claimed
+        without it. If it raises, the job is not created."""
         now = utc_now_iso()
         for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
             values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
                           stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now,
-                          callback_url=callback_url, events=1)
+                          callback_url=callback_url, events=1, source=source.value,
+                          resolution=options.resolution, face_limit=options.face_limit, size_m=options.size_m)
             try:
                 with self._write() as conn:
                     transaction_lock(conn, "grok3d.queue")  # the count and the insert, one at a time everywhere
@@ -291,6 +328,8 @@ class JobStore:
                         conn.execute(insert(idempotency_keys).values(
                             scope=idempotency.scope, key=idempotency.key, request_hash=idempotency.request_hash,
                             job_id=job.job_id, created_at=db_now()))
+                    if on_insert is not None:
+                        on_insert(job.job_id)
                 return Submission(job, replayed=False)
             except exc.IntegrityError:
                 continue
@@ -391,7 +430,7 @@ class JobStore:
             ).all()
         return {job_id: attempt for job_id, attempt in rows}
 
-    def advance(self, lease: Lease, stage: Stage, progress: int, **fields: str | None) -> None:
+    def advance(self, lease: Lease, stage: Stage, progress: int, **fields: object) -> None:
         """Move a running job forward: `stage` is the stored one or a later one, and progress never decreases (a
         lower value keeps the stored one). Raises LeaseLost when `lease` no longer holds (or a cancel was asked),
         ValueError when `stage` lies behind the stored stage. A write that changes nothing is no state change."""
@@ -411,27 +450,30 @@ class JobStore:
             ).one()
             self._logged(conn, row)
 
-    def finish(self, lease: Lease) -> None:
-        self._end(_fenced(lease), Status.complete, Stage.complete, 100, None, lease.job_id)
+    def finish(self, lease: Lease, *, mesh: dict | None = None) -> None:
+        """Complete the job; `mesh`: the report of its delivered GLB (API.md §2)."""
+        self._end(_fenced(lease), Status.complete, Stage.complete, 100, None, lease.job_id, mesh=mesh)
 
     def fail(self, lease: Lease, error: str) -> None:
         """Fenced by the lease, and allowed after a cancel request: how a cancelled job ends."""
         self._end(_fenced(lease, cancellable=False), Status.error, Stage.error, 0, error, lease.job_id)
 
-    def _end(self, where, status: Status, stage: Stage, progress: int, error: str | None, job_id: str) -> None:
+    def _end(self, where, status: Status, stage: Stage, progress: int, error: str | None, job_id: str,
+             **fields: object) -> None:
         with self._write() as conn:
-            if self._end_in(conn, where, status, stage, progress, error) is None:
+            if self._end_in(conn, where, status, stage, progress, error, **fields) is None:
                 raise LeaseLost(job_id)
 
     def _end_in(self, conn: Connection, where, status: Status, stage: Stage, progress: int,
-                error: str | None) -> Job | None:
+                error: str | None, **fields: object) -> Job | None:
         """End the job `where` selects, in `conn`'s transaction; with a callback_url, its webhook goes into the
         outbox in the same transaction, so the delivery exists exactly when the end does."""
         row = conn.execute(
             update(jobs).where(where)
             .values(status=status.value, stage=stage.value, progress=progress, error=error, owner=None,
                     lease_until=None, updated_at=utc_now_iso(), events=jobs.c.events + 1,
-                    webhook_status=case((jobs.c.callback_url.is_not(None), literal("pending")), else_=None))
+                    webhook_status=case((jobs.c.callback_url.is_not(None), literal("pending")), else_=None),
+                    **fields)
             .returning(*jobs.c)
         ).one_or_none()
         if row is None:

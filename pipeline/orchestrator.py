@@ -31,7 +31,9 @@ from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
-from pipeline.jobs import CANCELLED, Job, JobStore, Lease, LeaseLost, Stage, process_owner_id
+from pipeline.formats import FormatError, FormatMaker
+from pipeline.jobs import CANCELLED, Job, JobStore, Lease, LeaseLost, Source, Stage, process_owner_id
+from pipeline.meshes import finish_glb, mesh_report
 from pipeline.retry import RetryPolicy
 from pipeline.stages import ModelState, Stages
 from pipeline.storage import Asset, AssetStore
@@ -62,8 +64,11 @@ class Orchestrator:
         retry_backoff_s: float = 2.0,
         model_wait_s: float = 1.0,
         on_end: Callable[[str], None] | None = None,
+        formats: FormatMaker | None = None,
     ) -> None:
         self.store = store
+        # The preview is made with the USDZ, through the maker the asset route uses: never twice at once.
+        self._formats = formats or FormatMaker(stages.convert)
         self.assets = assets
         self.stages = stages
         self.owner = process_owner_id()
@@ -185,7 +190,10 @@ class Orchestrator:
             stage = Stage.converting_usdz
             if not await self._has(jid, Asset.usdz):
                 await self._timed(job, lease, stage, 80, 95, lambda: self._convert_stage(job, lease))
-            await self._db(self.store.finish, lease)
+            elif not await self._has(jid, Asset.preview):  # interrupted between the USDZ and its preview
+                await self._preview(job)
+            glb = await asyncio.to_thread(self.assets.read, jid, Asset.glb)
+            await self._db(self.store.finish, lease, mesh=await asyncio.to_thread(mesh_report, glb))
             self._ended(jid)
             log.info("job %s complete", jid)
         except asyncio.CancelledError:
@@ -249,20 +257,26 @@ class Orchestrator:
 
     async def _image_stage(self, job: Job, lease: Lease) -> None:
         jid = job.job_id
-        if await self._has(jid, Asset.image):  # made before a restart
-            jpeg = await asyncio.to_thread(self.assets.read, jid, Asset.image)
+        if job.source is Source.upload:
+            # No xAI call: the client's picture (its JPEG is the job's image already) is framed as it was sent,
+            # so that its transparency is the cut-out.
+            picture = await asyncio.to_thread(self.assets.read, jid, Asset.upload)
+        elif await self._has(jid, Asset.image):  # made before a restart
+            picture = await asyncio.to_thread(self.assets.read, jid, Asset.image)
         else:
-            jpeg = await self.stages.image.generate_image(job.prompt)
-            await self._publish(lease, Asset.image, jpeg)
+            picture = await self.stages.image.generate_image(job.prompt)
+            await self._publish(lease, Asset.image, picture)
             await self._db(self.store.advance, lease, Stage.generating_image, 20)
-        png = await self.stages.prepare.prepare_image(jpeg)
+        png = await self.stages.prepare.prepare_image(picture)
         await self._publish(lease, Asset.input, png)
 
     async def _reconstruct_stage(self, job: Job, lease: Lease) -> None:
         await self._wait_for_model()
         png = await asyncio.to_thread(self.assets.read, job.job_id, Asset.input)
-        result = await self.stages.reconstruct.reconstruct(png)
-        await self._publish(lease, Asset.glb, result.glb)
+        result = await self.stages.reconstruct.reconstruct(png, job.resolution)
+        # The job's face limit and size (pipeline/meshes.py), before anything is made from the GLB.
+        glb = await asyncio.to_thread(finish_glb, result.glb, face_limit=job.face_limit, size_m=job.size_m)
+        await self._publish(lease, Asset.glb, glb)
         # The version comes with the mesh, from the batch that made it.
         await self._db(self.store.advance, lease, Stage.generating_3d, 70, model_version=result.model_version)
 
@@ -294,6 +308,19 @@ class Orchestrator:
             await _uninterrupted(asyncio.to_thread(self.assets.publish_file, jid, Asset.usdz, tmp))
         finally:
             tmp.unlink(missing_ok=True)
+        await self._db(self.store.advance, lease, Stage.converting_usdz, 90)
+        await self._preview(job)
+
+    async def _preview(self, job: Job) -> None:
+        """The render shown in job lists: a job without one is still complete (the page shows its image)."""
+        glb, target = self.assets.local_path(job.job_id, Asset.glb), self.assets.local_path(job.job_id, Asset.preview)
+        if glb is None or target is None:  # object storage: formats made on request work on folders only (so far)
+            log.info("job %s: no preview with object storage", job.job_id)
+            return
+        try:
+            await self._formats.ensure(glb, target, Asset.preview)
+        except FormatError as exc:
+            log.warning("job %s: no preview (%s)", job.job_id, exc.message)
 
 
 async def _uninterrupted(work: Awaitable[T]) -> T:

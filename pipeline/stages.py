@@ -55,7 +55,9 @@ class Reconstructor(Protocol):
 
     async def status(self) -> ModelStatus: ...
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction: ...
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
+        """`resolution`: the marching-cubes grid, cells per side (None: the model service's default)."""
+        ...
 
 
 class Converter(Protocol):
@@ -97,7 +99,7 @@ class Unavailable:
     async def status(self) -> ModelStatus:
         return ModelStatus(ModelState.missing, detail=self.reason)
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         raise self._fail()
 
     async def convert(self, glb_path: Path, usdz_path: Path) -> None:

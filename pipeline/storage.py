@@ -14,6 +14,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,21 +31,43 @@ EXAMPLE_PREFIX = "ex_"
 
 
 class Asset(str, Enum):
-    """The files a job produces, in the order its stages produce them."""
+    """The files a job produces, in the order its stages produce them, then the formats made on first request."""
 
-    image = "image"  # the picture from xAI, JPEG
+    upload = "upload"  # the picture a client sent, as sent (not served: `image` is its JPEG)
+    image = "image"  # the picture from xAI, or the upload upright as JPEG
     input = "input"  # the matted, framed picture TripoSR sees (kept for debugging, not served)
     glb = "glb"
     usdz = "usdz"
+    preview = "preview"  # a render of the mesh, made with the USDZ
+    glb_textured = "glb_textured"  # the GLB with the USDZ's baked texture and UVs
+    obj = "obj"  # a zip of OBJ, MTL and the baked texture
+    stl = "stl"
+    threemf = "3mf"
+    fbx = "fbx"
 
 
-FILE_NAMES = {Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb", Asset.usdz: "model.usdz"}
-MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip"}
-STORED_MEDIA_TYPES = {**MEDIA_TYPES, Asset.input: "image/png"}
-DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz"}
-# glTF viewers download; images and USDZ open inline (Safari hands an inline USDZ to AR Quick Look).
-DISPOSITION = {Asset.image: "inline", Asset.glb: "attachment", Asset.usdz: "inline"}
-SERVED_ASSETS = (Asset.image, Asset.glb, Asset.usdz)
+FILE_NAMES = {Asset.upload: "upload", Asset.image: "image.jpg", Asset.input: "input.png", Asset.glb: "model.glb",
+              Asset.usdz: "model.usdz", Asset.preview: "preview.jpg", Asset.glb_textured: "model_textured.glb",
+              Asset.obj: "model.obj.zip", Asset.stl: "model.stl", Asset.threemf: "model.3mf", Asset.fbx: "model.fbx"}
+# Registered media types where there is one (model/stl and model/3mf: IANA; model/vnd.usdz+zip: Apple's); FBX has
+# none, so it goes as plain bytes.
+MEDIA_TYPES = {Asset.image: "image/jpeg", Asset.glb: "model/gltf-binary", Asset.usdz: "model/vnd.usdz+zip",
+               Asset.preview: "image/jpeg", Asset.glb_textured: "model/gltf-binary", Asset.obj: "application/zip",
+               Asset.stl: "model/stl", Asset.threemf: "model/3mf", Asset.fbx: "application/octet-stream"}
+# The download's name is `{job_id}.{suffix}`.
+DOWNLOAD_SUFFIX = {Asset.image: "jpg", Asset.glb: "glb", Asset.usdz: "usdz", Asset.preview: "preview.jpg",
+                   Asset.glb_textured: "textured.glb", Asset.obj: "obj.zip", Asset.stl: "stl", Asset.threemf: "3mf",
+                   Asset.fbx: "fbx"}
+# Pictures and USDZ open inline (Safari hands an inline USDZ to AR Quick Look); model files download.
+DISPOSITION = {asset: "attachment" for asset in MEDIA_TYPES} | {Asset.image: "inline", Asset.usdz: "inline",
+                                                                Asset.preview: "inline"}
+SERVED_ASSETS = tuple(MEDIA_TYPES)
+# Made on a client's first request for them (pipeline/formats.py), from the GLB.
+ON_DEMAND = (Asset.preview, Asset.glb_textured, Asset.obj, Asset.stl, Asset.threemf, Asset.fbx)
+# The path form of the asset URLs, /api/jobs/{job_id}/{name}: each name ends in its file's extension.
+BY_FILE_NAME = {FILE_NAMES[asset]: asset for asset in SERVED_ASSETS}
+# What an object store records for each file (the upload keeps its own bytes: a JPEG, PNG or WebP).
+STORED_MEDIA_TYPES = {**MEDIA_TYPES, Asset.input: "image/png", Asset.upload: "application/octet-stream"}
 
 
 def new_job_id() -> str:
@@ -134,6 +157,10 @@ class ObjectInfo:
     modified: float
 
 
+STAGED_PREFIX = ".staged-"
+STAGED_MAX_AGE_S = 3600.0  # a staged file this old was left by a crash: no submission takes that long
+
+
 class AssetStore:
     """Job folders under `$GROK3D_DATA_DIR/jobs/` (or the folder GROK3D_ASSETS_URL names)."""
 
@@ -141,6 +168,29 @@ class AssetStore:
         self.root = jobs_dir
         self.location = str(jobs_dir)  # for the log
         self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_stale_staged()
+
+    def stage(self, data: bytes) -> Path:
+        """Write a file for a job that does not exist yet, durably, beside the job folders; `adopt` gives it to the
+        job once its id is known (inside the transaction that creates it)."""
+        path = self.root / f"{STAGED_PREFIX}{secrets.token_hex(8)}"
+        write_atomic(path, data)
+        return path
+
+    def adopt(self, staged: Path, job_id: str, asset: Asset) -> None:
+        """Move a staged file into its job's folder: a rename, cheap enough to run inside a transaction."""
+        path = self.path(job_id, asset)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staged, path)
+
+    def _remove_stale_staged(self) -> None:
+        """Staged files a crash left between staging and adoption (another process may be staging right now)."""
+        for staged in self.root.glob(f"{STAGED_PREFIX}*"):
+            try:
+                if time.time() - staged.stat().st_mtime > STAGED_MAX_AGE_S:
+                    staged.unlink()
+            except FileNotFoundError:
+                pass
 
     def job_dir(self, job_id: str) -> Path:
         if not is_job_id(job_id):  # the only guard between a URL and the file system

@@ -82,10 +82,13 @@ class BoxReconstructor:
             raise RuntimeError("status exploded")
         if time.monotonic() < self._ready_at:
             return ModelStatus(ModelState.loading)
-        return ModelStatus(ModelState.ready, version="test:box")
+        return ModelStatus(ModelState.ready, version=self.version)
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         _record("3d")
+        if path := os.environ.get("TEST_RESOLUTION_LOG"):
+            with open(path, "a") as f:
+                f.write(f"{resolution}\n")
         await asyncio.sleep(SLOW_S if b"slow-3d" in image_png[-32:] else _seconds("TEST_3D_SLEEP_S"))
         if b"fail-3d" in image_png:
             raise StageError("The 3D model could not be generated: test failure.")
@@ -94,18 +97,49 @@ class BoxReconstructor:
 
             mesh = blob_mesh(177)  # ~100k faces
             return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:blob")
+        return Reconstruction(glb=self.mesh().export(file_type="glb"), model_version=self.version)
+
+    version = "test:box"
+
+    def mesh(self) -> trimesh.Trimesh:
         mesh = trimesh.creation.box((0.5, 0.3, 0.4))
         mesh.visual.vertex_colors = np.tile([200, 30, 30, 255], (len(mesh.vertices), 1))
-        return Reconstruction(glb=mesh.export(file_type="glb"), model_version="test:box")
+        return mesh
+
+
+class SphereReconstructor(BoxReconstructor):
+    """An egg of 20,480 faces in API.md's frame: 0.5 x 0.3 x 0.46 m, resting on y = 0, its front (+z) bulging
+    more than its back; red on top (y > 0.22 m), green in front (z > 0.16 m), blue elsewhere. Enough faces to
+    decimate, extents that tell the axes apart, and colours whose place a test knows."""
+
+    version = "test:egg"
+
+    def mesh(self) -> trimesh.Trimesh:
+        mesh = trimesh.creation.icosphere(subdivisions=5, radius=1.0)
+        v = mesh.vertices
+        mesh.vertices = np.stack([v[:, 0] * 0.25, v[:, 1] * 0.15 + 0.15, v[:, 2] * np.where(v[:, 2] > 0, 0.26, 0.2)],
+                                 axis=1)
+        colours = np.tile([20, 20, 200, 255], (len(v), 1))
+        colours[mesh.vertices[:, 2] > EGG_FRONT_Z_M] = [20, 180, 20, 255]
+        colours[mesh.vertices[:, 1] > EGG_TOP_Y_M] = [200, 20, 20, 255]
+        mesh.visual.vertex_colors = colours.astype(np.uint8)
+        return mesh
+
+
+EGG_TOP_Y_M, EGG_FRONT_Z_M = 0.22, 0.16
 
 
 class ZipConverter:
-    """Writes a zip holding the GLB (a stand-in USDZ: USDZ is a zip) after TEST_CONVERT_SLEEP_S."""
+    """Writes a zip holding the GLB (a stand-in USDZ: USDZ is a zip) after TEST_CONVERT_SLEEP_S, and a grey
+    square as the preview. It has no `export`: the Blender formats answer that no converter runs."""
 
     async def convert(self, glb_path: Path, usdz_path: Path) -> None:
         await asyncio.sleep(_seconds("TEST_CONVERT_SLEEP_S"))
         with zipfile.ZipFile(usdz_path, "w", zipfile.ZIP_STORED) as z:
             z.write(glb_path, "model.glb")
+
+    async def render_preview(self, glb_path: Path, jpeg_path: Path) -> None:
+        Image.new("RGB", (64, 64), (150, 150, 160)).save(jpeg_path, "JPEG")
 
 
 def sleepy(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
@@ -134,4 +168,21 @@ def real_convert(settings: Settings, reconstructor: Reconstructor | None = None)
     from pipeline.backends import converter
 
     return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=BoxReconstructor(),
+                  convert=converter(settings))
+
+
+def real_prepare(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real image preparer (matting, framing on grey: what an uploaded picture goes through), quick stages
+    around it; without XAI_API_KEY the image stage is unavailable, as in production."""
+    from pipeline.imaging import TripoSRImagePreparer
+
+    image = SleepyImage() if settings.xai_api_key else Unavailable("Image generation is not configured.")
+    return Stages(image=image, prepare=TripoSRImagePreparer(), reconstruct=BoxReconstructor(), convert=ZipConverter())
+
+
+def real_formats(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
+    """The real Blender pool behind the USDZ stage and the formats made on demand, for a coloured sphere."""
+    from pipeline.backends import converter
+
+    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=SphereReconstructor(),
                   convert=converter(settings))

@@ -221,6 +221,16 @@ def test_asset_downloads(client, finished_job, asset_type, media_type, dispositi
     assert r.content.startswith(magic)
 
 
+def test_formats_without_a_blender_converter_say_so_and_stl_needs_none(client, finished_job):
+    """The test stages have no Blender pool: the Blender formats answer 503 with a sentence (never a 500); STL and
+    3MF are trimesh's and still work."""
+    r = client.get(f"/api/asset/{finished_job}", params={"asset_type": "fbx"})
+    assert_error(r, 503, "The FBX could not be made: this server has no Blender converter running.")
+    assert r.headers["retry-after"] == "5"
+    stl = client.get(f"/api/jobs/{finished_job}/model.stl")
+    assert stl.status_code == 200 and stl.headers["content-type"] == "model/stl"
+
+
 def test_asset_etag_and_range(client, finished_job):
     url = f"/api/asset/{finished_job}?asset_type=glb"
     full = client.get(url)
@@ -234,7 +244,8 @@ def test_asset_etag_and_range(client, finished_job):
     assert client.get(url, headers={"Range": "bytes=0-3", "If-Range": '"stale"'}).status_code == 200
 
 
-@pytest.mark.parametrize("query", ["", "?asset_type=", "?asset_type=obj", "?asset_type=GLB", "?asset_type=input"])
+@pytest.mark.parametrize("query", ["", "?asset_type=", "?asset_type=ply", "?asset_type=GLB", "?asset_type=input",
+                                   "?asset_type=upload"])
 def test_asset_type_is_checked_first(client, server, query):
     assert_error(client.get(f"/api/asset/ffffffff{query}"), 400, "Invalid asset type")
     assert_error(raw_get(server, f"/api/asset/../etc{query}"), 400, "Invalid asset type")
@@ -341,11 +352,14 @@ def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     spec = client.get("/api/openapi.json").json()
     assert "HTTPValidationError" not in str(spec)
     generate = spec["paths"]["/api/generate"]["post"]
-    assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
-    assert "callback_url" in generate["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    body = generate["requestBody"]["content"]
+    assert body["application/json"]["schema"]["anyOf"] == [{"required": ["prompt"]}, {"required": ["image"]}]
+    assert body["multipart/form-data"]["schema"]["required"] == ["image"]
+    assert "callback_url" in body["application/json"]["schema"]["properties"]
     assert set(generate["responses"]) == {"200", "400", "413", "422", "429", "503"}  # 422: Idempotency-Key reused
     assert [p["name"] for p in generate["parameters"]] == ["Idempotency-Key"]
-    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
+    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404", "503"}
+    assert set(spec["paths"]["/api/jobs/{job_id}/{name}"]["get"]["responses"]) == {"200", "404", "503"}
     # The life cycle's routes (API.md §5-§8), with their errors and no 422.
     assert set(spec["paths"]["/api/jobs"]["get"]["responses"]) == {"200", "400"}
     assert {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]} == {"limit", "cursor", "status"}

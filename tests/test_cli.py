@@ -70,6 +70,36 @@ def test_generate_downloads_image_glb_and_usdz_and_prints_their_paths(server, tm
     assert values == sorted(values) and values[-1] == 100, result.stderr
 
 
+def test_generate_from_a_picture_with_options_and_formats(server, tmp_path):
+    import io
+
+    from PIL import Image
+
+    picture = tmp_path / "teapot.png"
+    Image.new("RGB", (64, 64), (250, 250, 250)).save(picture, "PNG")
+    out = tmp_path / "models"
+    result = grok3d("generate", "--image", str(picture), "--resolution", "64", "--face-limit", "500",
+                    "--size-m", "1.5", "--format", "stl,preview", "--format", "glb", "-o", str(out), server=server.url)
+    assert result.returncode == 0, result.stderr
+    paths = [Path(line) for line in result.stdout.splitlines()]
+    job_id = paths[0].name.split(".")[0]
+    assert paths == [out / f"{job_id}.stl", out / f"{job_id}.preview.jpg", out / f"{job_id}.glb"]
+    assert trimesh.load(paths[2]).extents == pytest.approx([1.5, 0.9, 1.2])
+    assert Image.open(io.BytesIO(paths[1].read_bytes())).format == "JPEG"
+    status = grok3d("status", job_id, server=server.url).stdout
+    for line in ("source:        upload", "resolution:    64", "face_limit:    500", "size_m:        1.5",
+                 "mesh:          12 faces, 8 vertices, 1.500 x 0.900 x 1.200 m, watertight"):
+        assert line in status, status
+    assert "prompt:" not in status  # an upload without a caption
+
+    assert_one_line_error(grok3d("generate", "-o", str(tmp_path), server=server.url), 2,
+                          "give a prompt, or a picture with --image FILE")
+    assert_one_line_error(grok3d("generate", "x", "--resolution", "5", server=server.url), 1,
+                          "resolution must be a whole number from 32 to 512")
+    bad = grok3d("generate", "x", "--format", "ply", server=server.url)
+    assert bad.returncode == 2 and "unknown format ply" in bad.stderr
+
+
 def test_generate_exits_1_with_the_jobs_error(server, tmp_path):
     result = grok3d("generate", "fail-image: a teapot", "-o", str(tmp_path), server=server.url)
     job_id = re.search(r"job ([0-9a-f]{8}) queued", result.stderr)[1]

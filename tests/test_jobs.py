@@ -252,11 +252,11 @@ class Flaky:
     async def status(self) -> ModelStatus:
         return ModelStatus(ModelState.ready, version="test:flaky")
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         self.calls += 1
         if self.calls <= self.failures:
             raise StageError(BROKEN, retryable=True)
-        return await BoxReconstructor().reconstruct(image_png)
+        return await BoxReconstructor().reconstruct(image_png, resolution)
 
 
 async def _run_one(tmp_path: Path, url: str, reconstructor, prompt: str = "cube") -> tuple[JobStore, str]:
@@ -326,9 +326,9 @@ class CountingBox(BoxReconstructor):
         super().__init__()
         self.calls = 0
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         self.calls += 1
-        return await super().reconstruct(image_png)
+        return await super().reconstruct(image_png, resolution)
 
 
 async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(tmp_path, store_url, caplog):

@@ -105,7 +105,7 @@ def test_example_card_opens_and_model_viewer_loads_its_glb(tab, server):
     asset = f"/api/asset/{first['job_id']}?asset_type="
     assert tab.page.evaluate("window.loads") == [asset + "glb"]
     viewer = tab.page.locator("#viewer")
-    assert viewer.get_attribute("ios-src") == asset + "usdz"
+    assert viewer.get_attribute("ios-src") == f"/api/jobs/{first['job_id']}/model.usdz"  # ends in .usdz
     assert "quick-look" in viewer.get_attribute("ar-modes") and "scene-viewer" in viewer.get_attribute("ar-modes")
     assert tab.page.evaluate("document.getElementById('viewer').loaded") is True
     # The viewer shows the example's own mesh: its size as model-viewer measures it is the GLB's on disk.
@@ -164,6 +164,53 @@ def test_a_broken_event_stream_falls_back_to_polling(tab, server):
     job_id = tab.page.evaluate("location.hash").removeprefix("#job=")
     assert tab.text("#result-title") == "a blue teapot"
     assert f"{server.url}/api/status/{job_id}" in tab.requests  # polled
+
+
+def test_a_chosen_picture_becomes_a_model_and_joins_the_job_list(tab, server):
+    """Image to 3D from the page: a PNG chosen in the file field (as a person would pick one) goes as a form with
+    the words as its caption; the model loads, the new downloads are offered, and the job's card shows its
+    preview."""
+    import io
+
+    from PIL import Image
+
+    picture = io.BytesIO()
+    Image.new("RGB", (96, 96), (250, 250, 250)).save(picture, "PNG")
+    count_loads(tab)
+    tab.page.set_input_files("#image", files=[{"name": "teapot.png", "mimeType": "image/png",
+                                                "buffer": picture.getvalue()}])
+    assert tab.text("#picked-name") == "Picture: teapot.png"
+    tab.page.fill("#prompt", "my teapot")
+    tab.page.click("#generate")
+    tab.wait_viewer()
+    tab.shot("upload-done")
+    job_id = tab.page.evaluate("location.hash").removeprefix("#job=")
+    status = httpx.get(f"{server.url}/api/status/{job_id}").json()
+    assert status["source"] == "upload" and status["prompt"] == "my teapot"
+    assert tab.text("#result-title") == "my teapot"
+    assert tab.page.evaluate("window.loads") == [f"/api/asset/{job_id}?asset_type=glb"]
+    assert tab.page.locator("#viewer").get_attribute("ios-src") == f"/api/jobs/{job_id}/model.usdz"
+    for kind, suffix in (("glb_textured", "textured.glb"), ("obj", "obj.zip"), ("fbx", "fbx"), ("stl", "stl"),
+                         ("3mf", "3mf")):
+        link = tab.page.locator(f"#dl-{kind}")
+        assert link.get_attribute("href") == f"/api/asset/{job_id}?asset_type={kind}"
+        assert link.get_attribute("download") == f"{job_id}.{suffix}"
+    assert "faces" in tab.text("#mesh-report")
+    card = tab.page.locator(f"#job-list .card[data-job-id='{job_id}'] img")
+    assert card.get_attribute("src") == f"/api/jobs/{job_id}/preview.jpg"
+    tab.page.wait_for_function(f"document.querySelector(\"#job-list .card[data-job-id='{job_id}'] img\").naturalWidth > 0")
+
+
+def test_a_dropped_picture_is_taken_too(tab):
+    tab.page.evaluate("""() => {
+        const data = new DataTransfer();
+        data.items.add(new File([new Uint8Array([137, 80, 78, 71])], "dropped.png", {type: "image/png"}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: data, bubbles: true}));
+    }""")
+    assert tab.text("#picked-name") == "Picture: dropped.png"
+    assert tab.page.evaluate("document.getElementById('image').files[0].name") == "dropped.png"
+    tab.page.click("#clear-image")
+    assert tab.page.locator("#picked").is_hidden()
 
 
 def test_job_error_is_shown_in_words(tab):

@@ -56,8 +56,11 @@ def umask() -> Iterator[Callable[[int], int]]:
 
 def test_job_files_get_the_servers_umask(server: Server, job_id: str) -> None:
     folder = server.data_dir / "jobs" / job_id
+    # A format made on request is published like the stages' files.
+    assert httpx.get(f"{server.url}/api/jobs/{job_id}/model.stl", timeout=30).status_code == 200
     files = sorted(p.name for p in folder.iterdir())
-    assert files == ["image.jpg", "input.png", "model.glb", "model.usdz"]  # no temporary file left either
+    # No temporary file left either.
+    assert files == ["image.jpg", "input.png", "model.glb", "model.stl", "model.usdz", "preview.jpg"]
     for name in files:
         assert mode(folder / name) == 0o666 & ~SERVER_UMASK == 0o640, name
 

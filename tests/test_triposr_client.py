@@ -69,3 +69,28 @@ def test_the_api_service_does_not_load_torch():
     check = "import sys, service; print('torch' in sys.modules, 'runners.triposr.model' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+async def test_the_jobs_resolution_travels_with_its_picture():
+    """The client sends the job's marching-cubes grid in the picture's item, in and out of JSON (how BentoML's HTTP
+    transport carries it); the service's bounds hold on the wire."""
+    import pytest
+    from pydantic import ValidationError
+
+    from runners.triposr.wire import Picture, ReconstructAnswer
+
+    sent: list[Picture] = []
+
+    class Service:
+        async def reconstruct(self, pictures: list[Picture]) -> list[ReconstructAnswer]:
+            sent.extend(pictures)
+            return [ReconstructAnswer(glb=b"glTF", model_version="test:1")]
+
+    stage = client.TripoSRStage(SimpleNamespace(to_async=Service()), max_batch_size=4, max_latency_s=10)
+    await stage.reconstruct(b"png", resolution=96)
+    await stage.reconstruct(b"png")
+    assert [p.resolution for p in sent] == [96, None]
+    assert Picture.model_validate_json(sent[0].model_dump_json()) == sent[0]
+    for wrong in (4, 2048):
+        with pytest.raises(ValidationError):
+            Picture(data=b"png", resolution=wrong)

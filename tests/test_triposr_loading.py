@@ -250,3 +250,28 @@ def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
     assert alone[0][:4] == b"glTF"
     assert mixed == [Failure.unreadable_picture, alone[0], Failure.unreadable_picture]
     assert reconstruct_encoded(model, [b"junk"], **knobs) == [Failure.unreadable_picture]
+
+
+def test_pictures_of_different_resolutions_share_a_batch():
+    """A batch with two marching-cubes grids: one forward pass, a density grid per resolution, and each answer is
+    the one its picture gets alone at its own resolution."""
+    import io
+
+    import numpy as np
+    import trimesh
+    from PIL import Image
+
+    from runners.triposr.inference import reconstruct_encoded
+    from runners.triposr.loading import random_model
+
+    model = random_model("tiny", seed=0)
+    pixels = np.full((64, 64, 3), 128, np.uint8)
+    pixels[12:50, 16:44] = (200, 60, 90)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    good = buf.getvalue()
+    knobs = {"threshold": 0.5, "size_m": 0.5}
+    coarse, fine = (reconstruct_encoded(model, [good], resolution=r, **knobs)[0] for r in (16, 32))
+    assert reconstruct_encoded(model, [good, good, good], resolution=[32, 16, 32], **knobs) == [fine, coarse, fine]
+    faces = [len(trimesh.load(io.BytesIO(glb), file_type="glb", force="mesh").faces) for glb in (coarse, fine)]
+    assert faces[0] < faces[1]  # the finer grid gives the finer mesh

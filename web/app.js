@@ -1,5 +1,5 @@
-// The grok3d demo page: submit a prompt, follow the job (Server-Sent Events from /api/status/ID/events, polling
-// /api/status/ID when they break), show the model in <model-viewer>.
+// The grok3d demo page: submit a prompt or a picture, follow the job (Server-Sent Events from
+// /api/status/ID/events, polling /api/status/ID when they break), show the model in <model-viewer>.
 // Plain JavaScript with no build step: the server sends this file as it is.
 
 const POLL_MS = 500;
@@ -58,6 +58,18 @@ function assetUrl(jobId, type) {
   return `/api/asset/${encodeURIComponent(jobId)}?asset_type=${type}`;
 }
 
+// The path form of an asset's URL, which ends in the file's extension (AR Quick Look wants one).
+function fileUrl(jobId, name) {
+  return `/api/jobs/${encodeURIComponent(jobId)}/${name}`;
+}
+
+// The downloads under the viewer: link id -> [asset_type, suffix of the saved file's name].
+const DOWNLOADS = {
+  "dl-image": ["image", "jpg"], "dl-glb": ["glb", "glb"], "dl-usdz": ["usdz", "usdz"],
+  "dl-glb_textured": ["glb_textured", "textured.glb"], "dl-obj": ["obj", "obj.zip"], "dl-fbx": ["fbx", "fbx"],
+  "dl-stl": ["stl", "stl"], "dl-3mf": ["3mf", "3mf"],
+};
+
 function showError(message) {
   $("error").textContent = message;
   $("error").hidden = false;
@@ -83,20 +95,61 @@ function setViewerState(state, words) {
   $("viewer-state").textContent = words;
 }
 
-function showResult(jobId, title) {
+function showResult(jobId, title, mesh = null) {
   const viewer = $("viewer");
   $("result-title").textContent = title;
   if (viewerInstalled === false) setViewerState("missing", NOT_INSTALLED);
   else setViewerState("loading", "Loading the 3D model…");
   viewer.setAttribute("poster", assetUrl(jobId, "image"));
-  viewer.setAttribute("ios-src", assetUrl(jobId, "usdz")); // AR Quick Look on iPhone and iPad
+  viewer.setAttribute("ios-src", fileUrl(jobId, "model.usdz")); // AR Quick Look on iPhone and iPad
   viewer.setAttribute("src", assetUrl(jobId, "glb")); // also what Scene Viewer gets on Android
-  const downloads = { "dl-image": ["image", "jpg"], "dl-glb": ["glb", "glb"], "dl-usdz": ["usdz", "usdz"] };
-  for (const [id, [type, suffix]] of Object.entries(downloads)) {
+  for (const [id, [type, suffix]] of Object.entries(DOWNLOADS)) {
     $(id).href = assetUrl(jobId, type);
     $(id).download = `${jobId}.${suffix}`;
   }
+  $("mesh-report").textContent = mesh ? describeMesh(mesh) : "";
   $("result").hidden = false;
+}
+
+// API.md's mesh report in words: "20,480 faces · 0.50 × 0.30 × 0.46 m · watertight, 0.036 m³".
+function describeMesh(mesh) {
+  const size = mesh.size_m.map((side) => side.toFixed(2)).join(" × ");
+  const volume = mesh.volume_m3 === null ? "not watertight" : `watertight, ${mesh.volume_m3.toPrecision(2)} m³`;
+  return `${mesh.faces.toLocaleString("en")} faces · ${size} m · ${volume}`;
+}
+
+// The jobs this browser submitted, newest first, kept in localStorage so they survive a reload.
+const JOBS_KEY = "grok3d.jobs";
+const JOBS_KEPT = 12;
+
+function savedJobs() {
+  try {
+    const jobs = JSON.parse(localStorage.getItem(JOBS_KEY) || "[]");
+    return Array.isArray(jobs) ? jobs.filter((job) => job && typeof job.job_id === "string") : [];
+  } catch {
+    return [];
+  }
+}
+
+function rememberJob(jobId, title) {
+  const jobs = [{ job_id: jobId, title }, ...savedJobs().filter((job) => job.job_id !== jobId)];
+  try {
+    localStorage.setItem(JOBS_KEY, JSON.stringify(jobs.slice(0, JOBS_KEPT)));
+  } catch {
+    // Storage full or disabled: the list is a convenience.
+  }
+  showJobs();
+}
+
+// A card per job: its preview render (made with the USDZ), its own picture until the preview exists.
+function showJobs() {
+  const jobs = savedJobs();
+  $("jobs").hidden = jobs.length === 0;
+  $("job-list").replaceChildren(...jobs.map((job) => card({
+    jobId: job.job_id, name: job.title, description: job.job_id,
+    picture: fileUrl(job.job_id, "preview.jpg"), fallback: fileUrl(job.job_id, "image.jpg"),
+    open: () => follow(job.job_id, startAction(job.job_id)),
+  })));
 }
 
 function startAction(jobId) {
@@ -113,7 +166,8 @@ function showJob(jobId, job) {
   clearError();
   if (job.status === "complete") {
     hideProgress();
-    showResult(jobId, job.prompt);
+    showResult(jobId, titleOf(job), job.mesh);
+    if (savedJobs().some((saved) => saved.job_id === jobId)) showJobs(); // its card gets the preview now
     return true;
   }
   if (job.status === "error") {
@@ -181,25 +235,37 @@ async function follow(jobId, action) {
   }
 }
 
+function titleOf(job) {
+  return job.prompt || (job.source === "upload" ? "Your picture" : job.job_id);
+}
+
+// A prompt goes as JSON; a picture as a form, with the words as its caption (API.md §1).
+function generateRequest(prompt, picture) {
+  if (!picture) {
+    return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify({ prompt }) };
+  }
+  const form = new FormData();
+  form.append("image", picture);
+  if (prompt) form.append("prompt", prompt);
+  return { method: "POST", body: form };
+}
+
 async function submit(event) {
   event.preventDefault();
   const prompt = $("prompt").value.trim();
-  if (!prompt) {
-    showError("Describe an object first, for example “a red teapot”.");
+  const picture = $("image").files[0] || null;
+  if (!prompt && !picture) {
+    showError("Describe an object first, for example “a red teapot”, or give a picture of one.");
     $("prompt").focus();
     return;
   }
   const action = ++currentAction;
   clearError();
   $("result").hidden = true;
-  showProgress(0, "Sending");
+  showProgress(0, picture ? "Sending the picture" : "Sending");
   let job;
   try {
-    job = await api("/api/generate", {
-      method: "POST",
-      headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ prompt }),
-    });
+    job = await api("/api/generate", generateRequest(prompt, picture));
   } catch (error) {
     if (action !== currentAction) return;
     hideProgress();
@@ -207,34 +273,64 @@ async function submit(event) {
     return;
   }
   if (action !== currentAction) return;
+  rememberJob(job.job_id, prompt || (picture ? picture.name : job.job_id));
   await follow(job.job_id, startAction(job.job_id));
 }
 
-function exampleCard(example) {
+function card({ jobId, name, description, picture, fallback = null, open }) {
   const item = document.createElement("li");
   const button = document.createElement("button");
   button.type = "button";
   button.className = "card";
-  button.dataset.jobId = example.job_id;
+  button.dataset.jobId = jobId;
   const image = document.createElement("img");
-  image.src = example.image_url;
+  image.src = picture;
   image.alt = "";
   image.loading = "lazy";
-  const name = document.createElement("span");
-  name.className = "name";
-  name.textContent = example.name;
-  const description = document.createElement("span");
-  description.className = "description";
-  description.textContent = example.description;
-  button.append(image, name, description);
-  // An example is complete by definition: it opens at once, with no status round trip.
+  if (fallback) image.addEventListener("error", () => { if (image.src !== fallback) image.src = fallback; }, { once: true });
+  const title = document.createElement("span");
+  title.className = "name";
+  title.textContent = name;
+  const words = document.createElement("span");
+  words.className = "description";
+  words.textContent = description;
+  button.append(image, title, words);
   button.addEventListener("click", () => {
-    startAction(example.job_id);
-    showResult(example.job_id, example.name);
+    open();
     $("result").scrollIntoView({ behavior: "smooth", block: "start" });
   });
   item.append(button);
   return item;
+}
+
+function exampleCard(example) {
+  // An example is complete by definition: it opens at once, with no status round trip.
+  return card({
+    jobId: example.job_id, name: example.name, description: example.description, picture: example.image_url,
+    open: () => { startAction(example.job_id); showResult(example.job_id, example.name); },
+  });
+}
+
+// The picture field: chosen with the file dialog, or dropped anywhere on its box.
+function watchPicture() {
+  const drop = $("drop");
+  const shown = () => {
+    const picture = $("image").files[0];
+    $("picked").hidden = !picture;
+    $("picked-name").textContent = picture ? `Picture: ${picture.name}` : "";
+  };
+  $("image").addEventListener("change", shown);
+  $("clear-image").addEventListener("click", () => { $("image").value = ""; shown(); });
+  drop.addEventListener("dragover", (event) => { event.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (event) => {
+    event.preventDefault();
+    drop.classList.remove("over");
+    if (event.dataTransfer.files.length > 0) {
+      $("image").files = event.dataTransfer.files;
+      shown();
+    }
+  });
 }
 
 async function loadExamples() {
@@ -284,7 +380,9 @@ function resumeFromAddress() {
 }
 
 $("generate-form").addEventListener("submit", submit);
+watchPicture();
 watchViewer();
+showJobs();
 loadViewer();
 loadExamples();
 resumeFromAddress();

@@ -149,7 +149,8 @@ class _Worker:
 
 
 class BlenderPool:
-    """GLB -> USDZ conversions and preview renders on `workers` warm Blender processes (pipeline.stages.Converter)."""
+    """GLB -> USDZ conversions, further formats and preview renders on `workers` warm Blender processes
+    (pipeline.stages.Converter)."""
 
     def __init__(
         self,
@@ -231,6 +232,17 @@ class BlenderPool:
         payload = {"glb": str(Path(glb_path).resolve()), "out": str(Path(usdz_path).resolve()),
                    "bake_size": self.bake_size if bake_size is None else bake_size, "max_faces": self.max_faces}
         return await self._submit("convert", payload)
+
+    async def export(self, glb_path: Path, out_path: Path, fmt: str) -> None:
+        """Write `out_path` in `fmt` (converters/blender/formats.py: glb_textured, fbx, obj) from `glb_path`, with
+        the USDZ's baked texture; StageError with a reason on failure."""
+        await self.export_with_report(glb_path, out_path, fmt)
+
+    async def export_with_report(self, glb_path: Path, out_path: Path, fmt: str) -> WorkerReport:
+        check_glb(Path(glb_path), self.max_glb_bytes, self.max_faces)
+        payload = {"glb": str(Path(glb_path).resolve()), "out": str(Path(out_path).resolve()), "format": fmt,
+                   "bake_size": self.bake_size, "max_faces": self.max_faces}
+        return await self._submit("export", payload)
 
     async def render_preview(self, glb_path: Path, jpeg_path: Path) -> None:
         """Write a square JPEG preview (Cycles on CPU, three-quarter view) of the GLB."""

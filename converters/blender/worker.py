@@ -4,8 +4,8 @@ Run by the pool as `<blender python> -m converters.blender.worker --fd N`, where
 `--convert GLB USDZ [--bake-size N]` does one conversion in a fresh process and exits (the benchmark's cold case).
 bpy prints to stdout, so replies never go there: the channel carries JSON lines only.
 
-Request: {"id": int, "op": "convert" | "render" | "ping", "glb": str, "out": str, "bake_size": int,
-          "max_faces": int, "size": int}
+Request: {"id": int, "op": "convert" | "export" | "render" | "ping", "glb": str, "out": str, "bake_size": int,
+          "max_faces": int, "size": int, "format": "glb_textured" | "fbx" | "obj" (export only)}
 Reply:   {"id": int, "ok": bool, "error": str | None, "bug": bool, "result": {...},
           "counts": {"objects", "meshes", "materials", "images"} after the reset, "rss_mb": float, "seconds": float}
 The worker exits when the channel closes (the pool closed it), and dies with the pool's process even in the middle
@@ -37,12 +37,15 @@ def rss_mb() -> float:
 
 def handle(request: dict[str, Any]) -> dict[str, Any]:
     """Run one request; input problems come back as `error`, anything else as a `bug` with its traceback."""
-    from converters.blender import usdz  # imports bpy: only inside the worker process
+    from converters.blender import formats, usdz  # import bpy: only inside the worker process
 
     op = request.get("op")
     try:
         if op == "convert":
             result = usdz.convert(Path(request["glb"]), Path(request["out"]), int(request["bake_size"]), int(request["max_faces"]))
+        elif op == "export":
+            result = formats.export(Path(request["glb"]), Path(request["out"]), str(request["format"]),
+                                    int(request["bake_size"]), int(request["max_faces"]))
         elif op == "render":
             result = usdz.render_preview(Path(request["glb"]), Path(request["out"]), int(request["size"]), int(request["max_faces"]))
         elif op == "ping":

@@ -107,9 +107,9 @@ class TripoSRStage:
 
     # -- reconstruction -------------------------------------------------------------------------------------
 
-    async def reconstruct(self, image_png: bytes) -> Reconstruction:
+    async def reconstruct(self, image_png: bytes, resolution: int | None = None) -> Reconstruction:
         while True:
-            answer = await self._send(image_png)
+            answer = await self._send(Picture(data=image_png, resolution=resolution))
             if answer is not None:
                 break
             if self._status.state in (ModelState.missing, ModelState.failed):  # not overloaded: gone
@@ -120,13 +120,13 @@ class TripoSRStage:
             raise StageError(FAILURES[answer.failure])
         return Reconstruction(glb=answer.glb, model_version=answer.model_version)
 
-    async def _send(self, image_png: bytes) -> ReconstructAnswer | None:
+    async def _send(self, picture: Picture) -> ReconstructAnswer | None:
         """One picture through the window; None when the service answered that it is overloaded."""
         await self._window.acquire()
         began = time.monotonic()
         fast = False
         try:
-            [answer] = await self._service.to_async.reconstruct([Picture(data=image_png)])
+            [answer] = await self._service.to_async.reconstruct([picture])
             fast = time.monotonic() - began < self._budget_s / 2
             # In process BentoML hands back the model; over HTTP (JSON) a dict.
             return answer if isinstance(answer, ReconstructAnswer) else ReconstructAnswer.model_validate(answer)

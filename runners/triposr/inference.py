@@ -6,6 +6,7 @@ Kept apart from service.py so that it runs (and is tested) without BentoML servi
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,24 +44,31 @@ def load_model(source: str, device: str | None = None) -> tuple[TripoSR, str]:
 
 
 @torch.no_grad()
-def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution: int, threshold: float,
-                      size_m: float, precision: str = "fp32") -> list[bytes | Failure]:
-    """One forward pass and one batched density grid for the whole batch: a GLB per picture, or
-    Failure.no_surface where none was found.
+def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution: int | Sequence[int],
+                      threshold: float, size_m: float, precision: str = "fp32") -> list[bytes | Failure]:
+    """One forward pass for the whole batch and one batched density grid per resolution in it: a GLB per
+    picture, or Failure.no_surface where none was found.
 
-    precision: TRIPOSR_PRECISION (runners/triposr/precision.py)."""
+    resolution: the marching-cubes grid, one for all or one per picture. precision: TRIPOSR_PRECISION
+    (runners/triposr/precision.py)."""
+    resolutions = [resolution] * len(pictures) if isinstance(resolution, int) else list(resolution)
     plan = resolve_precision(precision, model.device)
     with number_format(plan.network, model.device):
         codes = model(pictures)
+    meshes: list = [None] * len(pictures)
     with number_format(plan.grid, model.device):
-        meshes = model.extract_mesh(codes, resolution=resolution, threshold=threshold)
+        for grid in sorted(set(resolutions)):
+            group = [i for i, r in enumerate(resolutions) if r == grid]
+            for i, mesh in zip(group, model.extract_mesh(codes[group], resolution=grid, threshold=threshold)):
+                meshes[i] = mesh
     return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else Failure.no_surface for mesh in meshes]
 
 
-def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int, threshold: float,
+def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int | Sequence[int], threshold: float,
                         size_m: float, precision: str = "fp32") -> list[bytes | Failure]:
     """Encoded pictures (PNG, JPEG) -> GLBs, like reconstruct_batch; Failure.unreadable_picture where a picture
     does not decode."""
+    resolutions = [resolution] * len(images) if isinstance(resolution, int) else list(resolution)
     pictures: list[Image.Image | None] = []
     for data in images:
         try:
@@ -68,6 +76,7 @@ def reconstruct_encoded(model: TripoSR, images: list[bytes], *, resolution: int,
         except (OSError, ValueError, PILImage.DecompressionBombError):
             pictures.append(None)
     readable = [p for p in pictures if p is not None]
-    glbs = iter(reconstruct_batch(model, readable, resolution=resolution, threshold=threshold, size_m=size_m,
+    grids = [r for p, r in zip(pictures, resolutions) if p is not None]
+    glbs = iter(reconstruct_batch(model, readable, resolution=grids, threshold=threshold, size_m=size_m,
                                   precision=precision) if readable else [])
     return [next(glbs) if p is not None else Failure.unreadable_picture for p in pictures]

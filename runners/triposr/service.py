@@ -107,17 +107,20 @@ class TripoSRService:
         max_latency_ms=settings.triposr_max_latency_ms,
     )
     def reconstruct(self, images: list[Picture]) -> list[ReconstructAnswer]:
-        """PNG/JPEG bytes of framed pictures -> one answer per picture: its GLB in API.md's delivery frame, or why
-        there is none; each names the model version that ran this batch."""
+        """PNG/JPEG bytes of framed pictures, each with its marching-cubes grid -> one answer per picture: its GLB
+        in API.md's delivery frame, or why there is none; each names the model version that ran this batch."""
         if self.state != "ready":
             raise bentoml.exceptions.ServiceUnavailable(f"TripoSR model is {self.state}: {self.detail}")
         from runners.triposr.inference import reconstruct_encoded
 
         began = time.monotonic()
         model, version = self.model, self.version  # one batch, one model: read both once
-        results = reconstruct_encoded(model, [p.data for p in images], resolution=settings.triposr_mc_resolution,
+        # One forward pass for the batch; pictures of different resolutions get a density grid per resolution.
+        resolutions = [p.resolution or settings.triposr_mc_resolution for p in images]
+        results = reconstruct_encoded(model, [p.data for p in images], resolution=resolutions,
                                       threshold=settings.triposr_mc_threshold, size_m=settings.model_size_m,
                                       precision=settings.triposr_precision)
-        log.info("TripoSR batch of %d in %.2f s", len(images), time.monotonic() - began)
+        log.info("TripoSR batch of %d (resolutions %s) in %.2f s", len(images), sorted(set(resolutions)),
+                 time.monotonic() - began)
         return [ReconstructAnswer(glb=r, model_version=version) if isinstance(r, bytes)
                 else ReconstructAnswer(failure=r, model_version=version) for r in results]

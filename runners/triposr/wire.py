@@ -9,7 +9,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, PlainSerializer, model_validator
+from pydantic import BaseModel, BeforeValidator, Field, PlainSerializer, model_validator
 
 _STORE_TAG = re.compile(r"[a-z0-9][a-z0-9_.-]*(:[A-Za-z0-9_.-]+)?")
 
@@ -30,10 +30,16 @@ WireBytes = Annotated[bytes, BeforeValidator(_from_base64),
                                       when_used="json")]
 
 
+# The marching-cubes grids the service accepts per picture (cells per side), as TRIPOSR_MC_RESOLUTION's bounds.
+MIN_RESOLUTION, MAX_RESOLUTION = 8, 1024
+
+
 class Picture(BaseModel):
-    """One framed picture for the model: PNG or JPEG bytes (a batch item of `reconstruct`)."""
+    """One framed picture for the model: PNG or JPEG bytes (a batch item of `reconstruct`), and the job's
+    marching-cubes grid (cells per side; None: the service's TRIPOSR_MC_RESOLUTION)."""
 
     data: WireBytes
+    resolution: int | None = Field(None, ge=MIN_RESOLUTION, le=MAX_RESOLUTION)
 
 
 class Failure(str, Enum):
