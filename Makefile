@@ -16,7 +16,8 @@ PY := $(VENV)/bin/python
 DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
-.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data
+.PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data \
+	container-tools container
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -97,3 +98,20 @@ TORCH ?= cuda
 build: .venv
 	$(PY) deploy/container/bento_files.py --torch $(TORCH)
 	$(BENTOML) build
+
+# Containers: podman, from Debian's packages, with runc and limits that fit low caps (containers.conf says why).
+export CONTAINERS_CONF ?= $(CURDIR)/deploy/container/containers.conf
+# auto: python:3.11-slim where a registry serves it, else Debian bookworm made here (standard | local to choose).
+CONTAINER_BASE ?= auto
+# The folder with torch's CPU wheel, for TORCH=cpu images (mounted read-only into the image build).
+TORCH_WHEELS ?= /opt/wheels
+
+container-tools:
+	@command -v podman > /dev/null && command -v runc > /dev/null && command -v mmdebstrap > /dev/null || { \
+		test "$$(id -u)" = 0 || { echo 'containers need podman, runc and mmdebstrap: sudo apt-get install podman runc mmdebstrap'; exit 2; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq podman runc mmdebstrap > /dev/null; }
+
+# The Bento and its image: the GPU image (CUDA build of torch) by default, TORCH=cpu for the CPU image of the
+# tests. Prints the image reference alone on its last line. README.md, "Deployment", says how to run it.
+container: build container-tools
+	@CONTAINER_BASE=$(CONTAINER_BASE) TORCH_WHEELS=$(TORCH_WHEELS) deploy/container/containerize.sh
