@@ -17,7 +17,7 @@ DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
 .PHONY: .venv .venv-blender serve dev test bench import-model promote examples build clean-data \
-	container-tools container
+	container-tools container test-container
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -115,3 +115,8 @@ container-tools:
 # tests. Prints the image reference alone on its last line. README.md, "Deployment", says how to run it.
 container: build container-tools
 	@CONTAINER_BASE=$(CONTAINER_BASE) TORCH_WHEELS=$(TORCH_WHEELS) deploy/container/containerize.sh
+
+# The container deployment end to end (tests/container, not part of `make test`): builds the CPU image of a Bento
+# with a tiny TripoSR of seeded random weights, runs it with a data volume against the fake xAI server, restarts it.
+test-container: .venv container-tools
+	GROK3D_CONTAINER_TESTS=1 $(PY) -m pytest tests/container $(PYTEST_ARGS)
