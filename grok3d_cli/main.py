@@ -195,7 +195,8 @@ def cmd_jobs(api: Api, args: argparse.Namespace) -> int:
         return 0
     for job in page["jobs"]:
         state = job["status"] if job["status"] in ("queued", "complete", "error") else job["stage"]
-        print(f"{job['job_id']}  {job['created_at'][:19]}  {state:16} {job['prompt'][:60]}")
+        title = job["prompt"] or ("(your picture)" if job.get("source") == "upload" else "")
+        print(f"{job['job_id']}  {job['created_at'][:19]}  {state:16} {title[:60]}")
     if page.get("next_cursor"):
         print(f"more: grok3d jobs --cursor {page['next_cursor']}", file=sys.stderr)
     return 0
