@@ -2,8 +2,8 @@
 
 The tables below are the one definition of what the store keeps; `pipeline.jobs` reads and writes them, and the
 Alembic revisions in `pipeline/migrations/versions/` bring an existing database up to them. The SQL stays
-portable (SQLite today, PostgreSQL next): no dialect-specific statement outside `db_now` and the SQLite
-connection set-up.
+portable (SQLite today, PostgreSQL next): no dialect-specific statement outside `db_now`, `upsert`,
+`relax_durability` and the SQLite connection set-up.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import (Column, Engine, Float, Index, Integer, MetaData, String, Table, Text, create_engine, event,
-                        inspect, text)
+from sqlalchemy import (Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
+                        create_engine, event, inspect, text)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float as FloatType
@@ -41,9 +42,41 @@ jobs = Table(
     Column("owner", Text),
     Column("lease_until", Float),
     Column("attempt", Integer, nullable=False, server_default=text("0")),
+    # The API key that submitted the job (api_keys.id); null for jobs submitted in open mode. No foreign key:
+    # a key is revoked, never deleted, and SQLite would not enforce one anyway.
+    Column("api_key_id", Integer),
     # Queued and running jobs, oldest first: what the dispatcher scans and the queue bound counts.
     Index("jobs_active", "created_at", sqlite_where=text("status IN ('queued', 'processing')"),
           postgresql_where=text("status IN ('queued', 'processing')")),
+    # A key's jobs in flight and jobs today (pipeline/quotas.py), and every job of today (the service's ceiling).
+    Index("jobs_by_key", "api_key_id", "created_at"),
+    Index("jobs_created", "created_at"),
+)
+
+# API keys (pipeline/keys.py). A key is stored only as its SHA-256 (`key_hash`, hex); its limits are fixed when it
+# is created; revocation sets `revoked_at` and keeps the row, so the key's jobs keep their owner and its name
+# stays taken.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("rpm", Integer, nullable=False),  # requests per minute
+    Column("max_in_flight", Integer, nullable=False),  # jobs queued or processing at once
+    Column("jobs_per_day", Integer, nullable=False),  # jobs created per UTC day
+    Column("created_at", String(26), nullable=False),  # as jobs.created_at
+    Column("revoked_at", String(26)),
+)
+
+# Fixed-window counters of the `limits` package (pipeline/ratelimit.py's storage): one row per limit and key, the
+# hits of its current window and when that window ends (seconds since the epoch on the database's clock).
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("hits", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
 )
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -70,6 +103,23 @@ def _db_now_postgresql(element: db_now, compiler, **kw) -> str:
     return "extract(epoch from clock_timestamp())"
 
 
+def upsert(engine: Engine, table: Table):
+    """INSERT ... ON CONFLICT for `table` in the engine's dialect: SQLite and PostgreSQL spell it alike, and
+    SQLAlchemy builds it only through their dialects' own `insert` (which add `on_conflict_do_update`)."""
+    dialects = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+    if engine.dialect.name not in dialects:
+        raise NotImplementedError(f"no UPSERT for the {engine.dialect.name} dialect")
+    return dialects[engine.dialect.name](table)
+
+
+def relax_durability(connection: Connection) -> None:
+    """Let the transaction just begun on `connection` commit without waiting for the disk (counters that are worth
+    less than an fsync: a power cut loses at most their last moments). SQLite sets it before BEGIN instead (see
+    `_sqlite_begin`); PostgreSQL has it per transaction."""
+    if connection.dialect.name == "postgresql":
+        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
@@ -84,7 +134,7 @@ def create_store_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_connect(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, record) -> None:
     # The sqlite3 module's own transaction handling would open transactions lazily and in its own way; with
     # isolation_level None it leaves them to us (SQLAlchemy's documented recipe for pysqlite).
     dbapi_connection.isolation_level = None
@@ -93,13 +143,25 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    record.info["synchronous"] = "FULL"
 
 
 def _sqlite_begin(connection) -> None:
     # Writes take the write lock when they begin (BEGIN IMMEDIATE), so a read-then-write transaction (the queue
     # bound, a claim) cannot be overtaken between its read and its write; plain reads begin deferred and never
     # wait for a writer in WAL mode.
-    immediate = connection.get_execution_options().get("sqlite_immediate", False)
+    #
+    # A write that asked for `durable=False` commits under synchronous=NORMAL: in WAL mode that skips the fsync of
+    # each commit (4 ms here; a counter bumped by every API request cannot wait for it) and stays safe from
+    # corruption; the next durable commit's fsync of the log covers it. The level belongs to the connection and
+    # may only change outside a transaction, so it is set here, before BEGIN, and only when it changes.
+    options = connection.get_execution_options()
+    immediate = options.get("sqlite_immediate", False)
+    if immediate:
+        level = "FULL" if options.get("durable", True) else "NORMAL"
+        if connection.info.get("synchronous") != level:
+            connection.exec_driver_sql(f"PRAGMA synchronous={level}")
+            connection.info["synchronous"] = level
     connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 

@@ -15,15 +15,15 @@ import os
 import secrets
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
 from enum import Enum
 
 from sqlalchemy import Connection, and_, bindparam, case, exc, func, insert, select, update
 
-from pipeline.db import create_store_engine, db_now, jobs, migrate
+from pipeline.db import create_store_engine, db_now, jobs, migrate, relax_durability
 from pipeline.storage import new_job_id
 
 
@@ -78,6 +78,7 @@ class Job:
     owner: str | None
     lease_until: float | None
     attempt: int
+    api_key_id: int | None
 
     @classmethod
     def from_row(cls, row) -> Job:
@@ -149,9 +150,14 @@ class JobStore:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self) -> Iterator[Connection]:
-        with self._write_lock, self.engine.connect().execution_options(sqlite_immediate=True) as conn, \
+    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
+        """One write transaction. `durable=False`: it may commit before it is on disk (pipeline.db.relax_durability;
+        for counters, never for jobs)."""
+        with self._write_lock, \
+                self.engine.connect().execution_options(sqlite_immediate=True, durable=durable) as conn, \
                 conn.begin():
+            if not durable:
+                relax_durability(conn)
             yield conn
 
     @contextmanager
@@ -159,16 +165,30 @@ class JobStore:
         with self.engine.connect() as conn:
             yield conn
 
+    def write(self, *, durable: bool = True) -> AbstractContextManager[Connection]:
+        """A write transaction on this store's database, for the stores that share it (pipeline/keys.py): their
+        writes queue on the same lock as the job store's own."""
+        return self._write(durable=durable)
+
+    def read(self) -> AbstractContextManager[Connection]:
+        return self._read()
+
     # -- writes ---------------------------------------------------------------------------------------------
 
-    def create(self, prompt: str, *, queue_max: int) -> Job:
-        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull)."""
+    def create(self, prompt: str, *, queue_max: int, api_key_id: int | None = None,
+               admit: Callable[[Connection], None] | None = None) -> Job:
+        """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull). `api_key_id`: the
+        key that owns it. `admit(conn)` runs in the insert's transaction first and raises to refuse the job (the
+        quotas of pipeline/quotas.py: what it counts cannot change before the insert)."""
         now = utc_now_iso()
         for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
             values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
-                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now)
+                          stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now,
+                          api_key_id=api_key_id)
             try:
                 with self._write() as conn:
+                    if admit is not None:
+                        admit(conn)
                     active = conn.execute(select(func.count()).select_from(jobs)
                                           .where(jobs.c.status.in_(ACTIVE))).scalar_one()
                     if active >= queue_max:
