@@ -23,10 +23,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
 from pipeline import schemas
+from pipeline.auth import ANYONE, RATE_HEADERS, SCOPE_KEY, Caller, Gate, Refused
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
 from pipeline.head import serve_head
 from pipeline.jobs import Job, JobStore, QueueFull, Status, Stage
 from pipeline.orchestrator import Orchestrator
+from pipeline.quotas import LimitExceeded, Quotas
 from pipeline.responses import file_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
@@ -57,6 +59,7 @@ class Runtime:
     catalog: ExampleCatalog
     stages: Stages
     orchestrator: Orchestrator
+    gate: Gate
 
 
 StagesFactory = Callable[[Settings], Stages]
@@ -89,7 +92,8 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None, 
         _install_local_docs(app, swagger_assets_url)
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list, allow_methods=["GET", "HEAD", "POST"],
                        allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
-                                                            "Content-Range", "Accept-Ranges"])
+                                                            "Content-Range", "Accept-Ranges", "WWW-Authenticate",
+                                                            *RATE_HEADERS])
     serve_head(app)  # every GET route answers HEAD; its middleware is the outermost
     _install_error_handlers(app)
     _install_routes(app)
@@ -134,13 +138,27 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
                                 reconstruct_concurrency=settings.reconstruct_concurrency,
                                 max_running=settings.queue_max)
     await orchestrator.start()
+    gate = Gate(settings.auth, store, Quotas(settings.daily_job_limit, settings.retry_after_s))
     log.info("grok3d started: data in %s, %d jobs to resume", settings.data_dir,
              await asyncio.to_thread(store.count_active))
+    await _log_auth_mode(settings, gate)
     # Everything loaded so far (BentoML, numpy, scikit-image, ...) lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
     gc.freeze()
-    return Runtime(settings, store, assets, catalog, stages, orchestrator)
+    return Runtime(settings, store, assets, catalog, stages, orchestrator, gate)
+
+
+async def _log_auth_mode(settings: Settings, gate: Gate) -> None:
+    if settings.auth == "open":
+        log.warning("GROK3D_AUTH=open: anyone who can reach port %d can start jobs and spend the xAI budget "
+                    "(up to GROK3D_DAILY_JOB_LIMIT=%s jobs a day); set GROK3D_AUTH=keys to require API keys",
+                    settings.port, settings.daily_job_limit or "unlimited")
+        return
+    active = sum(key.active for key in await asyncio.to_thread(gate.keys.list))
+    log.info("GROK3D_AUTH=keys: the job routes need an API key; %d active keys", active)
+    if not active:
+        log.warning("GROK3D_AUTH=keys and no API key exists yet: create one with `grok3d keys create --name NAME`")
 
 
 async def _stop_runtime(runtime: Runtime) -> None:
@@ -153,30 +171,39 @@ async def _stop_runtime(runtime: Runtime) -> None:
     runtime.store.close()
 
 
-def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None,
+           request: Request | None = None) -> JSONResponse:
+    """API.md's error body; a keyed request's RateLimit fields go with it (pipeline/auth.py)."""
+    keyed = request.scope.get(SCOPE_KEY) if request is not None else None
+    if keyed:
+        headers = {**keyed, **(headers or {})}
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status_code, exc.message, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.headers, request)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.headers, request)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "Invalid request")
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "Invalid request", request=request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Not found", 405: "Method not allowed"}
         message = exc.detail if isinstance(exc.detail, str) and exc.status_code not in messages else \
             messages.get(exc.status_code, "Request failed")
-        return _error(exc.status_code, message, getattr(exc, "headers", None))
+        return _error(exc.status_code, message, getattr(exc, "headers", None), request)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "Internal server error")
+        return _error(500, "Internal server error", request=request)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -233,8 +260,15 @@ def status_body(job: Job) -> dict:
     return {name: getattr(job, name) for name in STATUS_FIELDS}
 
 
-async def _get_job(runtime: Runtime, job_id: str) -> Job | None:
-    return await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None
+def _job_getter(runtime: Runtime, job_id: str) -> Callable[[], Job | None]:
+    """The blocking read of a job, for Gate.enter to run after the key check (in the same worker thread)."""
+    return lambda: runtime.store.get(job_id) if is_job_id(job_id) else None
+
+
+async def _get_job(runtime: Runtime, request: Request, job_id: str) -> tuple[Caller, Job | None]:
+    """The caller and the job `job_id`, if it is theirs (in keys mode another key's job is "not found")."""
+    caller, job = await runtime.gate.enter(request, _job_getter(runtime, job_id))
+    return caller, job if job is not None and caller.owns(job) else None
 
 
 def _errors(*codes: int) -> dict[int | str, dict]:
@@ -245,58 +279,69 @@ def _install_routes(app: FastAPI) -> None:
     # The body is read by hand (413 while streaming, before it is all in memory), then validated by its model,
     # whose errors map to API.md's exact 400s.
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
-              responses=_errors(400, 413, 429, 503),
+              responses=_errors(400, 401, 413, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": schemas.GenerateRequest.model_json_schema()}}}})
-    async def generate(request: Request) -> schemas.GenerateResponse:
+    async def generate(request: Request) -> Response:
         runtime = _runtime(request)
+        caller, _ = await runtime.gate.enter(request)
         body = _parse_generate(await _read_body(request))
         await _check_backends(runtime)
         try:
-            job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max)
+            job = await asyncio.to_thread(runtime.store.create, body.prompt, queue_max=runtime.settings.queue_max,
+                                          api_key_id=caller.key_id, admit=runtime.gate.admission(caller))
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None
+        except LimitExceeded as exc:
+            log.info("job refused%s: %s", f" (key {caller.key.name})" if caller.key else "", exc.message)
+            raise runtime.gate.refusal(exc, caller) from None
         runtime.orchestrator.wake()
-        log.info("job %s queued", job.job_id)
-        return schemas.GenerateResponse(job_id=job.job_id, status=job.status)
+        log.info("job %s queued%s", job.job_id, f" (key {caller.key.name})" if caller.key else "")
+        return JSONResponse(schemas.GenerateResponse(job_id=job.job_id, status=job.status).model_dump(mode="json"),
+                            headers=caller.headers)
 
     # The hot path. This APIRoute documents it (the id's parameter by hand); a plain Starlette route with the
     # same endpoint serves it, see below.
-    @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus, responses=_errors(404),
+    @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus, responses=_errors(401, 404, 429),
              openapi_extra={"parameters": [{"name": "job_id", "in": "path", "required": True,
                                             "schema": {"type": "string"}}]})
     async def status(request: Request) -> Response:
         job_id = request.path_params["job_id"]
         runtime = _runtime(request)
-        if is_example_id(job_id):
+        if is_example_id(job_id):  # examples are public in both modes
             return JSONResponse(_example_status(runtime, job_id).model_dump())
-        job = await _get_job(runtime, job_id)
+        caller, job = await _get_job(runtime, request, job_id)
         if job is None:
             raise ApiError(404, "Job not found")
-        return JSONResponse(status_body(job))
+        return JSONResponse(status_body(job), headers=caller.headers)
 
     # Served by a plain Starlette route placed first: FastAPI's per-request machinery costs more than the lookup
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
     app.router.routes.insert(0, Route("/api/status/{job_id:path}", status, methods=["GET"]))
 
-    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404))
+    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 401, 404, 429))
     async def asset(job_id: str, request: Request) -> Response:
         runtime = _runtime(request)
+        # Examples are public in both modes; in keys mode the key is checked before anything else.
+        example = is_example_id(job_id)
+        caller, job = (ANYONE, None) if example else await _get_job(runtime, request, job_id)
         asset_type = request.query_params.get("asset_type")
         kind = next((a for a in SERVED_ASSETS if a.value == asset_type), None)
         if kind is None:
             raise ApiError(400, "Invalid asset type")
-        if is_example_id(job_id):
-            example = runtime.catalog.get(job_id)
-            if example is None:
+        if example:
+            entry = runtime.catalog.get(job_id)
+            if entry is None:
                 raise ApiError(404, "Job not found")
-            path = example.path(kind)
-        elif await _get_job(runtime, job_id) is not None:
+            path = entry.path(kind)
+        elif job is not None:
             path = runtime.assets.path(job_id, kind)
         else:
             raise ApiError(404, "Job not found")
-        return _file_response(request, path, job_id, kind)
+        response = _file_response(request, path, job_id, kind)
+        response.headers.update(caller.headers)
+        return response
 
     @app.get("/api/examples", response_model=schemas.ExamplesResponse)
     async def examples(request: Request) -> schemas.ExamplesResponse:

@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     model_size_m: float = Field(0.5, alias="GROK3D_MODEL_SIZE_M", gt=0)
     cors_origins: str = Field("*", alias="GROK3D_CORS_ORIGINS")
     lease_s: float = Field(60.0, alias="GROK3D_LEASE_S", gt=0)
+    # Who may use the job routes: `open` (anyone who reaches the port) or `keys` (API keys, pipeline/auth.py).
+    auth: Literal["open", "keys"] = Field("open", alias="GROK3D_AUTH")
+    # Jobs per UTC day, whoever submits them: the ceiling on the xAI spend in both modes (0: none).
+    daily_job_limit: int = Field(1000, alias="GROK3D_DAILY_JOB_LIMIT", ge=0)
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")

@@ -344,8 +344,8 @@ def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     assert "422" not in str(spec) and "HTTPValidationError" not in str(spec)
     generate = spec["paths"]["/api/generate"]["post"]
     assert generate["requestBody"]["content"]["application/json"]["schema"]["required"] == ["prompt"]
-    assert set(generate["responses"]) == {"200", "400", "413", "429", "503"}
-    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404"}
+    assert set(generate["responses"]) == {"200", "400", "401", "413", "429", "503"}
+    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "401", "404", "429"}
 
 
 def test_status_polls_skip_request_metrics_other_routes_keep_them(client, finished_job):

@@ -161,3 +161,19 @@ def test_quotas_count_jobs_in_the_store(store):
 def test_open_mode_jobs_have_no_key(store):
     job = store.create("p", queue_max=10)
     assert job.api_key_id is None and store.get(job.job_id).api_key_id is None
+
+
+def test_the_bento_requires_keys_and_make_serve_does_not(monkeypatch):
+    """The container deployment starts in keys mode (bentofile.yaml's envs); `make serve` and `make dev` set
+    nothing, so they run in the settings' default, open mode, where the seed's client needs no key."""
+    import yaml
+
+    from pipeline.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    envs = {e["name"]: e["value"] for e in yaml.safe_load((root / "bentofile.yaml").read_text())["envs"]}
+    assert envs["GROK3D_AUTH"] == "keys"
+    assert "grok3d_cli/**/*.py" in yaml.safe_load((root / "bentofile.yaml").read_text())["include"]
+    monkeypatch.delenv("GROK3D_AUTH", raising=False)
+    assert Settings().auth == "open"
+    assert "GROK3D_AUTH" not in (root / "Makefile").read_text()
