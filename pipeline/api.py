@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from sqlalchemy import Connection
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
@@ -260,9 +261,9 @@ def status_body(job: Job) -> dict:
     return {name: getattr(job, name) for name in STATUS_FIELDS}
 
 
-def _job_getter(runtime: Runtime, job_id: str) -> Callable[[], Job | None]:
-    """The blocking read of a job, for Gate.enter to run after the key check (in the same worker thread)."""
-    return lambda: runtime.store.get(job_id) if is_job_id(job_id) else None
+def _job_getter(runtime: Runtime, job_id: str) -> Callable[[Connection | None], Job | None]:
+    """The blocking read of a job, for Gate.enter to run after the key check (in its transaction, if any)."""
+    return lambda conn: runtime.store.get(job_id, conn=conn) if is_job_id(job_id) else None
 
 
 async def _get_job(runtime: Runtime, request: Request, job_id: str) -> tuple[Caller, Job | None]:

@@ -3,7 +3,7 @@
 The tables below are the one definition of what the store keeps; `pipeline.jobs` reads and writes them, and the
 Alembic revisions in `pipeline/migrations/versions/` bring an existing database up to them. The SQL stays
 portable (SQLite today, PostgreSQL next): no dialect-specific statement outside `db_now`, `upsert`,
-`relax_durability` and the SQLite connection set-up.
+`relax_durability` and the SQLite connection set-up (`Prepared` runs SQLAlchemy's own SQL for the dialect).
 """
 
 from __future__ import annotations
@@ -112,12 +112,53 @@ def upsert(engine: Engine, table: Table):
     return dialects[engine.dialect.name](table)
 
 
+class Prepared:
+    """A Core statement compiled once for an engine's dialect and run straight on the driver's cursor (PEP 249).
+
+    For the statements of the hot path (a status poll's job lookup, a keyed request's count): SQLAlchemy's
+    execution machinery (events, parameter and result processing, result objects) costs several times what SQLite
+    takes to run them. The SQL is still SQLAlchemy's, for whichever dialect the engine speaks; only statements whose
+    parameters and results need no type processing (numbers, strings) may be run so."""
+
+    def __init__(self, engine: Engine, statement) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        self.sql = str(compiled)
+        self._names = list(compiled.positiontup) if compiled.positional else None
+
+    def rows(self, connection: Connection, params: dict, *, commit: bool = False) -> list[tuple]:
+        """Run on `connection` (in its open transaction, if it has one); every row of the result. `commit`: the
+        statement is a write of its own, committed on the driver once its rows are read (on SQLite, where the
+        driver runs a statement outside BEGIN in a transaction of its own, that has happened already)."""
+        args = [params[name] for name in self._names] if self._names is not None else params
+        dbapi_connection = connection.connection.dbapi_connection
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(self.sql, args)
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        if commit:
+            dbapi_connection.commit()
+        return rows
+
+
 def relax_durability(connection: Connection) -> None:
-    """Let the transaction just begun on `connection` commit without waiting for the disk (counters that are worth
-    less than an fsync: a power cut loses at most their last moments). SQLite sets it before BEGIN instead (see
-    `_sqlite_begin`); PostgreSQL has it per transaction."""
-    if connection.dialect.name == "postgresql":
-        connection.exec_driver_sql("SET LOCAL synchronous_commit TO OFF")
+    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit without
+    waiting for the disk: counters worth less than an fsync, of which a power cut loses at most the last moments.
+    On SQLite, synchronous=NORMAL: in WAL mode that skips the fsync of each commit (4 ms here; a counter bumped by
+    every API request cannot wait for it) and stays safe from corruption; the next durable commit's fsync of the
+    log covers it. The level belongs to the connection, which goes back to FULL before its next transaction
+    (`_sqlite_begin`). On PostgreSQL such a statement commits as any other (`SET LOCAL synchronous_commit` would
+    cost a round trip of its own)."""
+    if connection.dialect.name == "sqlite":
+        _sqlite_synchronous(connection, "NORMAL")
+
+
+def _sqlite_synchronous(connection: Connection, level: str) -> None:
+    """Set the connection's synchronous level, when it is another one (outside a transaction only)."""
+    if connection.info.get("synchronous") != level:
+        connection.connection.driver_connection.execute(f"PRAGMA synchronous={level}")
+        connection.info["synchronous"] = level
 
 
 def sqlite_url(path: Path) -> str:
@@ -151,18 +192,12 @@ def _sqlite_begin(connection) -> None:
     # bound, a claim) cannot be overtaken between its read and its write; plain reads begin deferred and never
     # wait for a writer in WAL mode.
     #
-    # A write that asked for `durable=False` commits under synchronous=NORMAL: in WAL mode that skips the fsync of
-    # each commit (4 ms here; a counter bumped by every API request cannot wait for it) and stays safe from
-    # corruption; the next durable commit's fsync of the log covers it. The level belongs to the connection and
-    # may only change outside a transaction, so it is set here, before BEGIN, and only when it changes.
-    options = connection.get_execution_options()
-    immediate = options.get("sqlite_immediate", False)
+    # A write is durable (synchronous=FULL), whatever counters the connection committed before (relax_durability).
+    # BEGIN goes straight to the driver: SQLAlchemy's statement machinery costs more than the statement.
+    immediate = connection.get_execution_options().get("sqlite_immediate", False)
     if immediate:
-        level = "FULL" if options.get("durable", True) else "NORMAL"
-        if connection.info.get("synchronous") != level:
-            connection.exec_driver_sql(f"PRAGMA synchronous={level}")
-            connection.info["synchronous"] = level
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        _sqlite_synchronous(connection, "FULL")
+    connection.connection.driver_connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def _alembic_config(connection) -> Config:

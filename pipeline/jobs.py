@@ -23,7 +23,7 @@ from enum import Enum
 
 from sqlalchemy import Connection, and_, bindparam, case, exc, func, insert, select, update
 
-from pipeline.db import create_store_engine, db_now, jobs, migrate, relax_durability
+from pipeline.db import Prepared, create_store_engine, db_now, jobs, migrate, relax_durability
 from pipeline.storage import new_job_id
 
 
@@ -85,6 +85,13 @@ class Job:
         values = row._mapping
         return cls(**{**values, "status": Status(values["status"]), "stage": Stage(values["stage"])})
 
+    @classmethod
+    def from_values(cls, values) -> Job:
+        """A row as the driver returns it: the values of `select(jobs)`, in the table's (and so Job's) order."""
+        values = list(values)
+        values[_STATUS], values[_STAGE] = Status(values[_STATUS]), Stage(values[_STAGE])
+        return cls(*values)
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -96,6 +103,7 @@ class Lease:
 
 
 JOB_COLUMNS = [f.name for f in fields(Job)]
+_STATUS, _STAGE = JOB_COLUMNS.index("status"), JOB_COLUMNS.index("stage")
 
 
 def utc_now_iso() -> str:
@@ -144,20 +152,17 @@ class JobStore:
         # ours instead, and only other processes meet the busy handler.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         migrate(self.engine)
-        self._get = select(jobs).where(jobs.c.job_id == bindparam("job_id"))  # the status poll: one key lookup
+        # The status poll: one key lookup, compiled once and run on the driver (pipeline.db.Prepared): SQLAlchemy's
+        # execution machinery cost five times the lookup itself.
+        self._get = Prepared(self.engine, select(jobs).where(jobs.c.job_id == bindparam("job_id")))
 
     def close(self) -> None:
         self.engine.dispose()
 
     @contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[Connection]:
-        """One write transaction. `durable=False`: it may commit before it is on disk (pipeline.db.relax_durability;
-        for counters, never for jobs)."""
-        with self._write_lock, \
-                self.engine.connect().execution_options(sqlite_immediate=True, durable=durable) as conn, \
+    def _write(self) -> Iterator[Connection]:
+        with self._write_lock, self.engine.connect().execution_options(sqlite_immediate=True) as conn, \
                 conn.begin():
-            if not durable:
-                relax_durability(conn)
             yield conn
 
     @contextmanager
@@ -165,13 +170,23 @@ class JobStore:
         with self.engine.connect() as conn:
             yield conn
 
-    def write(self, *, durable: bool = True) -> AbstractContextManager[Connection]:
+    def write(self) -> AbstractContextManager[Connection]:
         """A write transaction on this store's database, for the stores that share it (pipeline/keys.py): their
         writes queue on the same lock as the job store's own."""
-        return self._write(durable=durable)
+        return self._write()
 
     def read(self) -> AbstractContextManager[Connection]:
         return self._read()
+
+    @contextmanager
+    def counting(self) -> Iterator[Connection]:
+        """A connection for counters (pipeline/ratelimit.py), outside any transaction: each statement it runs is
+        one atomic write that commits by itself (pipeline.db.Prepared with commit), without waiting for the disk
+        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN, COMMIT or fsync; its
+        writes still queue on the job store's write lock."""
+        with self._write_lock, self.engine.connect() as conn:
+            relax_durability(conn)
+            yield conn
 
     # -- writes ---------------------------------------------------------------------------------------------
 
@@ -270,10 +285,15 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | None:
-        with self._read() as conn:
-            row = conn.execute(self._get, {"job_id": job_id}).one_or_none()
-        return Job.from_row(row) if row is not None else None
+    def get(self, job_id: str, *, conn: Connection | None = None) -> Job | None:
+        """The job, or None. `conn`: read it on that connection (a keyed status poll reads its job on the connection
+        that counted its request: one round of the pool instead of two)."""
+        if conn is not None:
+            rows = self._get.rows(conn, {"job_id": job_id})
+        else:
+            with self._read() as conn:
+                rows = self._get.rows(conn, {"job_id": job_id})
+        return Job.from_values(rows[0]) if rows else None
 
     def holds(self, lease: Lease) -> bool:
         """Whether `lease` still holds: checked before a stage publishes a file."""

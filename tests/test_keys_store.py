@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.strategies import FixedWindowRateLimiter
+from sqlalchemy import event
 
 from pipeline.db import sqlite_url
 from pipeline.jobs import JobStore, Lease, QueueFull
 from pipeline.keys import DEFAULT_JOBS_PER_DAY, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RPM, KEY_RE, KeyStore, KeyStoreError
 from pipeline.quotas import LimitExceeded, Quotas
-from pipeline.ratelimit import RequestLimiter, StoreStorage
+from pipeline.ratelimit import KeyRevoked, RequestLimiter, StoreStorage
 
 
 @pytest.fixture()
@@ -95,7 +96,7 @@ def test_two_replicas_count_in_one_window(tmp_path):
         seen = []
         for i in range(6):
             store = (a, b)[i % 2]
-            with store.write(durable=False) as conn:
+            with store.counting() as conn:
                 seen.append(limiters[i % 2].hit(conn, key.id, key.rpm))
         assert [s.allowed for s in seen] == [True] * 4 + [False] * 2
         assert [s.remaining for s in seen] == [3, 2, 1, 0, 0, 0]
@@ -105,27 +106,34 @@ def test_two_replicas_count_in_one_window(tmp_path):
         b.close()
 
 
-def test_a_counted_request_reports_without_reading_again(store):
-    """Inside the counting transaction, the window stats come from the UPSERT's RETURNING: one statement."""
-    key, _ = KeyStore(store).create("poller", rpm=100)
+def test_a_counted_request_is_one_statement_that_also_checks_revocation(store):
+    """The count, the revocation check and the window's numbers: one UPSERT that commits by itself, with no BEGIN
+    or COMMIT around it (SQLite's own trace of what runs)."""
+    keys = KeyStore(store)
+    key, _ = keys.create("poller", rpm=100)
     limiter = RequestLimiter(store)
     statements: list[str] = []
-    from sqlalchemy import event
-
-    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
-    with store.write(durable=False) as conn:
+    event.listen(store.engine, "checkout", lambda dbapi, *_: dbapi.set_trace_callback(statements.append))
+    with store.counting() as conn:
         status = limiter.hit(conn, key.id, key.rpm)
-    assert status.remaining == 99
-    counted = [s for s in statements if "rate_limits" in s]
-    assert len(counted) == 1 and counted[0].lstrip().upper().startswith("INSERT"), statements
+    assert status.remaining == 99 and status.allowed
+    statements = [s for s in statements if not s.startswith("PRAGMA synchronous")]  # once per connection
+    assert [s.split()[0].upper() for s in statements] == ["INSERT"], statements
+    assert "api_keys" in statements[0] and "revoked_at IS NULL" in statements[0]
+    keys.revoke("poller")
+    with pytest.raises(KeyRevoked), store.counting() as conn:
+        limiter.hit(conn, key.id, key.rpm)
+    with store.read() as conn:  # the first count was committed; the refused one counted nothing
+        assert conn.exec_driver_sql("SELECT hits FROM rate_limits").scalar_one() == 1
 
 
-def test_a_counter_write_skips_the_fsync_and_a_job_write_does_not(store):
+def test_a_count_skips_the_fsync_and_a_job_write_does_not(store):
+    """One pooled connection serves both: a count under synchronous=NORMAL, then a job's write under FULL."""
     levels = []
-    for durable in (False, True, False):
-        with store.write(durable=durable) as conn:
-            levels.append(conn.exec_driver_sql("PRAGMA synchronous").scalar_one())
-    assert levels == [1, 2, 1]  # NORMAL, FULL, NORMAL
+    for counting in (True, False, True, False):
+        with store.counting() if counting else store.write() as conn:
+            levels.append(conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0])
+    assert levels == [1, 2, 1, 2]  # NORMAL, FULL, NORMAL, FULL
 
 
 def test_quotas_count_jobs_in_the_store(store):
