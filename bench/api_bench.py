@@ -1,8 +1,10 @@
 """GET /api/status throughput: grok3d (the real `bentoml serve`) against a bare FastAPI app answering the same JSON.
 
-50 closed-loop clients (each sends its next request when the last answer arrives) poll one stored job for 20 s on
-loopback, first against grok3d, then against the bare app, in the same run. Prints one JSON line:
-{"grok3d": {"rps", "p50_ms", "p99_ms"}, "bare": {...}, ...}. Target: grok3d rps >= 0.5 x bare, p99 <= 3 x bare.
+50 closed-loop clients (each sends its next request when the last answer arrives) poll a stored job for 20 s on
+loopback: grok3d in open mode (one job), grok3d in keys mode (GROK3D_AUTH=keys: each client with a key of its
+own, polling a job of that key, so every poll is a key check and a count in the store), then the bare app, in the
+same run. Prints one JSON line: {"grok3d": {"rps", "p50_ms", "p99_ms"}, "keys": {...}, "bare": {...}, ...}.
+Target, for both grok3d runs: rps >= 0.5 x bare, p99 <= 3 x bare.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.db import sqlite_url  # noqa: E402
 from pipeline.jobs import JobStore  # noqa: E402
+from pipeline.keys import KeyStore  # noqa: E402
 from tests.server import Server, free_port  # noqa: E402
 
 BARE_APP = """
@@ -39,24 +42,27 @@ async def status(job_id: str):
 """
 
 
-async def closed_loop(url: str, clients: int, seconds: float) -> dict:
+Target = tuple[str, dict[str, str]]  # one client's URL and headers
+
+
+async def closed_loop(targets: list[Target], seconds: float) -> dict:
     latencies: list[float] = []
     errors = 0
     deadline = time.perf_counter() + seconds
-    connector = aiohttp.TCPConnector(limit=clients)
+    connector = aiohttp.TCPConnector(limit=len(targets))
     async with aiohttp.ClientSession(connector=connector) as session:
-        async def client() -> None:
+        async def client(url: str, headers: dict[str, str]) -> None:
             nonlocal errors
             while time.perf_counter() < deadline:
                 began = time.perf_counter()
-                async with session.get(url) as r:
+                async with session.get(url, headers=headers) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
                 latencies.append(time.perf_counter() - began)
 
         began = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(url, headers) for url, headers in targets))
         elapsed = time.perf_counter() - began
     ms = np.array(latencies) * 1000
     return {"rps": round(len(latencies) / elapsed, 1), "p50_ms": round(float(np.percentile(ms, 50)), 2),
@@ -77,6 +83,26 @@ def wait_ready(url: str, timeout_s: float = 60) -> None:
     raise TimeoutError(url)
 
 
+def measure(targets: list[Target], seconds: float) -> dict:
+    asyncio.run(closed_loop(targets, 2))  # warm-up
+    return asyncio.run(closed_loop(targets, seconds))
+
+
+def keyed_jobs(data: Path, clients: int) -> list[tuple[str, str]]:
+    """One key per client, each with a job of its own: (key, job id). Their rates are far above what a client can
+    send, so that every poll is counted and none refused."""
+    store = JobStore(sqlite_url(data / "grok3d.db"))
+    try:
+        keys = KeyStore(store)
+        made = []
+        for i in range(clients):
+            row, key = keys.create(f"bench-{i}", rpm=10_000_000)
+            made.append((key, store.create(f"bench job {i}", queue_max=10 * clients, api_key_id=row.id).job_id))
+        return made
+    finally:
+        store.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--clients", type=int, default=50)
@@ -93,8 +119,12 @@ def main() -> None:
     with Server(data, env) as srv:
         url = f"{srv.url}/api/status/{job.job_id}"
         body = __import__("httpx").get(url).json()
-        asyncio.run(closed_loop(url, args.clients, 2))  # warm-up
-        results["grok3d"] = asyncio.run(closed_loop(url, args.clients, args.seconds))
+        results["grok3d"] = measure([(url, {})] * args.clients, args.seconds)
+
+    keyed = keyed_jobs(data, args.clients)
+    with Server(data, {**env, "GROK3D_AUTH": "keys"}, log_name="server-keys.log") as srv:
+        results["keys"] = measure([(f"{srv.url}/api/status/{job_id}", {"Authorization": f"Bearer {key}"})
+                                   for key, job_id in keyed], args.seconds)
 
     port = free_port()
     bare = subprocess.Popen([sys.executable, "-c", BARE_APP + "\nimport uvicorn\nuvicorn.run(app, host='127.0.0.1', "
@@ -102,15 +132,18 @@ def main() -> None:
     try:
         url = f"http://127.0.0.1:{port}/api/status/{job.job_id}"
         wait_ready(url)
-        asyncio.run(closed_loop(url, args.clients, 2))
-        results["bare"] = asyncio.run(closed_loop(url, args.clients, args.seconds))
+        results["bare"] = measure([(url, {})] * args.clients, args.seconds)
     finally:
         bare.terminate()
         bare.wait(10)
-    g, b = results["grok3d"], results["bare"]
+    g, k, b = results["grok3d"], results["keys"], results["bare"]
     results["rps_ratio"] = round(g["rps"] / b["rps"], 3)
     results["p99_ratio"] = round(g["p99_ms"] / b["p99_ms"], 3)
-    results["targets_met"] = results["rps_ratio"] >= 0.5 and results["p99_ratio"] <= 3.0
+    results["keys_rps_ratio"] = round(k["rps"] / b["rps"], 3)
+    results["keys_p99_ratio"] = round(k["p99_ms"] / b["p99_ms"], 3)
+    results["targets_met"] = (results["rps_ratio"] >= 0.5 and results["p99_ratio"] <= 3.0
+                              and results["keys_rps_ratio"] >= 0.5 and results["keys_p99_ratio"] <= 3.0
+                              and g["errors"] == k["errors"] == 0)
     results["machine"] = f"{os.cpu_count()} cores, loopback, {args.clients} clients x {args.seconds:.0f} s"
     print(json.dumps(results))
 
