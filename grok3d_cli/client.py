@@ -52,10 +52,12 @@ class StreamBroken(Exception):
 
 
 class Api:
-    def __init__(self, server: str, timeout_s: float = REQUEST_TIMEOUT_S) -> None:
+    def __init__(self, server: str, timeout_s: float = REQUEST_TIMEOUT_S, *, api_key: str | None = None) -> None:
         self.url = normalize_url(server)
+        # RFC 6750 §2.1; a server in open mode ignores it.
+        headers = {"Authorization": f"Bearer {api_key.strip()}"} if api_key and api_key.strip() else {}
         try:
-            self._http = httpx.Client(base_url=self.url, timeout=timeout_s)
+            self._http = httpx.Client(base_url=self.url, timeout=timeout_s, headers=headers)
         except (httpx.InvalidURL, ValueError) as exc:
             raise CliError(f"not a server address: {server!r} ({exc})", EXIT_UNREACHABLE) from None
 
@@ -199,6 +201,8 @@ def _refusal(url: str, response: httpx.Response, body: Any) -> CliError:
         message = body["error"]
         if response.status_code == 429 and (after := response.headers.get("retry-after")):
             message += f" (retry after {after} s)"
+        if response.status_code == 401:
+            message += " (the server needs an API key: set --api-key or GROK3D_API_KEY)"
         return CliError(message, EXIT_REFUSED)
     return CliError(f"the server at {url} answered {response.status_code} {response.reason_phrase} "
                     "without a grok3d error; is it a grok3d server?", EXIT_UNREACHABLE)

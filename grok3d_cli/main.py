@@ -1,4 +1,5 @@
-"""`grok3d generate | status | jobs | cancel | delete | examples`: argparse in front of grok3d_cli.client.
+"""`grok3d generate | status | jobs | cancel | delete | examples`: argparse in front of grok3d_cli.client;
+`grok3d keys ...` (grok3d_cli.keys) works on the job store itself.
 
 Exit codes: 0 done; 1 the server said no (bad prompt, unknown job, failed job, timeout waiting); 2 bad usage
 (argparse); 3 no usable answer from the server (down, wrong address); 130 interrupted.
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from grok3d_cli.client import EXIT_REFUSED, Api, CliError, StreamBroken
+from grok3d_cli.keys import add_keys_command
 from grok3d_cli.progress import ProgressBar
 
 DEFAULT_SERVER = "http://localhost:8000"
@@ -31,20 +33,27 @@ def default_server() -> str:
     return os.environ.get("GROK3D_SERVER") or DEFAULT_SERVER
 
 
-def add_common_options(parser: argparse.ArgumentParser, default: Any) -> None:
+def default_api_key() -> str | None:
+    return os.environ.get("GROK3D_API_KEY") or None
+
+
+def add_common_options(parser: argparse.ArgumentParser, default: Any, default_key: Any = None) -> None:
     """The options every sub-command takes, accepted before the sub-command too (`grok3d --server URL generate`)."""
     parser.add_argument("--server", default=default, metavar="URL",
                         help="the grok3d service (default: $GROK3D_SERVER, else %s)" % DEFAULT_SERVER)
+    # A key on the command line shows in `ps` and the shell's history: the environment variable is the safer way.
+    parser.add_argument("--api-key", default=default_key, metavar="KEY",
+                        help="the API key, for a server in keys mode (default: $GROK3D_API_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grok3d", description="Turn a text prompt into a 3D model with grok3d.")
-    add_common_options(parser, default_server())
+    add_common_options(parser, default_server(), default_api_key())
     # A sub-command's own default would overwrite a value given before the sub-command (argparse applies the
     # sub-parser's defaults last), so there the options have none: given after the sub-command they win, as the
     # nearer one; not given at all, the main parser's default stands.
     common = argparse.ArgumentParser(add_help=False)
-    add_common_options(common, argparse.SUPPRESS)
+    add_common_options(common, argparse.SUPPRESS, argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", parents=[common], help="make a 3D model from a prompt or a picture",
@@ -88,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     examples = commands.add_parser("examples", parents=[common], help="list the example models")
     examples.add_argument("--json", action="store_true", help="print the API's JSON as it is")
     examples.set_defaults(run=cmd_examples)
+
+    add_keys_command(commands)
     return parser
 
 
@@ -228,8 +239,10 @@ def cmd_examples(api: Api, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(args, "run_local"):  # `grok3d keys ...`: the store, not the server
+        return args.run_local(args)
     try:
-        with Api(args.server) as api:
+        with Api(args.server, api_key=args.api_key) as api:
             return args.run(api, args)
     except CliError as exc:
         print(f"grok3d: {exc.message}", file=sys.stderr)

@@ -25,11 +25,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
+from sqlalchemy import Connection
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match, Route
 
 from pipeline import schemas, webhooks
+from pipeline.auth import ANYONE, RATE_HEADERS, SCOPE_KEY, Caller, Gate, Refused
 from pipeline.events import event_stream, fixed_events, job_events, last_event_id
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
 from pipeline.formats import FormatError, FormatMaker
@@ -39,6 +41,7 @@ from pipeline.jobs import (IdempotencyKey, IdempotencyMismatch, Job, JobOptions,
 from pipeline.lifecycle import Lifecycle, caller_scope, scope_key
 from pipeline.meshes import mesh_report
 from pipeline.orchestrator import Orchestrator
+from pipeline.quotas import LimitExceeded, Quotas
 from pipeline.responses import file_response, object_response
 from pipeline.settings import Settings, get_settings
 from pipeline.stages import ModelState, Stages
@@ -83,6 +86,7 @@ class Runtime:
     lifecycle: Lifecycle
     webhooks: webhooks.WebhookSender
     formats: FormatMaker
+    gate: Gate
     example_meshes: dict = field(default_factory=dict)  # (example id, GLB mtime) -> its mesh report
 
 
@@ -117,7 +121,8 @@ def create_app(stages_factory: StagesFactory, settings: Settings | None = None, 
     app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origin_list,
                        allow_methods=["GET", "HEAD", "POST", "DELETE"],
                        allow_headers=["*"], expose_headers=["ETag", "Content-Disposition", "Retry-After",
-                                                            "Content-Range", "Accept-Ranges", "Idempotent-Replayed"])
+                                                            "Content-Range", "Accept-Ranges", "Idempotent-Replayed",
+                                                            "WWW-Authenticate", *RATE_HEADERS])
     serve_head(app)  # every GET route answers HEAD; its middleware is the outermost
     _install_error_handlers(app)
     _install_routes(app)
@@ -180,14 +185,28 @@ async def _start_runtime(settings: Settings, stages: Stages) -> Runtime:
     await orchestrator.start()
     await sender.start()
     await lifecycle.start()
+    gate = Gate(settings.auth, store, Quotas(settings.daily_job_limit, settings.retry_after_s))
     log.info("grok3d started: job store %s, assets in %s, %d jobs to resume",
              store.engine.url.render_as_string(hide_password=True), assets.location,
              await asyncio.to_thread(store.count_active))
+    await _log_auth_mode(settings, gate)
     # Everything loaded so far (BentoML, numpy, scikit-image, ...) lives as long as the process: keep the cyclic
     # garbage collector from walking it again and again, which stalled every request for ~200 ms once a second.
     gc.collect()
     gc.freeze()
-    return Runtime(settings, store, assets, catalog, stages, orchestrator, lifecycle, sender, formats)
+    return Runtime(settings, store, assets, catalog, stages, orchestrator, lifecycle, sender, formats, gate)
+
+
+async def _log_auth_mode(settings: Settings, gate: Gate) -> None:
+    if settings.auth == "open":
+        log.warning("GROK3D_AUTH=open: anyone who can reach port %d can start jobs and spend the xAI budget "
+                    "(up to GROK3D_DAILY_JOB_LIMIT=%s jobs a day); set GROK3D_AUTH=keys to require API keys",
+                    settings.port, settings.daily_job_limit or "unlimited")
+        return
+    active = sum(key.active for key in await asyncio.to_thread(gate.keys.list))
+    log.info("GROK3D_AUTH=keys: the job routes need an API key; %d active keys", active)
+    if not active:
+        log.warning("GROK3D_AUTH=keys and no API key exists yet: create one with `grok3d keys create --name NAME`")
 
 
 async def _stop_runtime(runtime: Runtime) -> None:
@@ -202,30 +221,39 @@ async def _stop_runtime(runtime: Runtime) -> None:
     runtime.store.close()
 
 
-def _error(status_code: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status_code: int, message: str, headers: dict[str, str] | None = None,
+           request: Request | None = None) -> JSONResponse:
+    """API.md's error body; a keyed request's RateLimit fields go with it (pipeline/auth.py)."""
+    keyed = request.scope.get(SCOPE_KEY) if request is not None else None
+    if keyed:
+        headers = {**keyed, **(headers or {})}
     return JSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status_code, exc.message, exc.headers)
+    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.headers, request)
+
+    @app.exception_handler(Refused)
+    async def refused(request: Request, exc: Refused) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.headers, request)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "Invalid request")
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _error(400, "Invalid request", request=request)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         messages = {404: "Not found", 405: "Method not allowed"}
         message = exc.detail if isinstance(exc.detail, str) and exc.status_code not in messages else \
             messages.get(exc.status_code, "Request failed")
-        return _error(exc.status_code, message, getattr(exc, "headers", None))
+        return _error(exc.status_code, message, getattr(exc, "headers", None), request)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "Internal server error")
+        return _error(500, "Internal server error", request=request)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -357,7 +385,7 @@ def _options(settings: Settings, request: schemas.GenerateRequest) -> JobOptions
 
 
 def _create_upload_job(runtime: Runtime, request: schemas.GenerateRequest, upload: Upload,
-                       key: IdempotencyKey | None) -> Submission:
+                       key: IdempotencyKey | None, caller: Caller) -> Submission:
     """Create the job with its picture and the picture's JPEG: the files join the job inside the creating
     transaction, so no orchestrator ever claims an upload job without its picture (blocking: run in a thread).
     A folder store stages them first (a rename then joins them); an object store writes them whole there."""
@@ -374,7 +402,8 @@ def _create_upload_job(runtime: Runtime, request: schemas.GenerateRequest, uploa
 
         return runtime.store.submit(request.prompt, queue_max=runtime.settings.queue_max, source=Source.upload,
                                     callback_url=request.callback_url, idempotency=key,
-                                    options=_options(runtime.settings, request), on_insert=join)
+                                    options=_options(runtime.settings, request), on_insert=join,
+                                    api_key_id=caller.key_id, admit=runtime.gate.admission(caller))
     finally:
         for path in staged.values():
             path.unlink(missing_ok=True)
@@ -408,8 +437,15 @@ async def _example_mesh(runtime: Runtime, example_id: str) -> dict | None:
     return runtime.example_meshes[key]
 
 
-async def _get_job(runtime: Runtime, job_id: str) -> Job | None:
-    return await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None
+def _job_getter(runtime: Runtime, job_id: str) -> Callable[[Connection | None], Job | None]:
+    """The blocking read of a job, for Gate.enter to run after the key check (in its transaction, if any)."""
+    return lambda conn: runtime.store.get(job_id, conn=conn) if is_job_id(job_id) else None
+
+
+async def _get_job(runtime: Runtime, request: Request, job_id: str) -> tuple[Caller, Job | None]:
+    """The caller and the job `job_id`, if it is theirs (in keys mode another key's job is "not found")."""
+    caller, job = await runtime.gate.enter(request, _job_getter(runtime, job_id))
+    return caller, job if job is not None and caller.owns(job) else None
 
 
 def _errors(*codes: int) -> dict[int | str, dict]:
@@ -420,7 +456,7 @@ def _install_routes(app: FastAPI) -> None:
     # The body is read by hand (413 while streaming, before it is all in memory), then validated by its model,
     # whose errors map to API.md's exact 400s.
     @app.post("/api/generate", response_model=schemas.GenerateResponse,
-              responses=_errors(400, 413, 422, 429, 503),
+              responses=_errors(400, 401, 413, 422, 429, 503),
               openapi_extra={"requestBody": {"required": True, "content": {
                   "application/json": {"schema": schemas.GenerateRequest.model_json_schema()},
                   "multipart/form-data": {"schema": _FORM_SCHEMA}}},
@@ -430,6 +466,7 @@ def _install_routes(app: FastAPI) -> None:
                                                  "and start nothing new (API.md §1)."}]})
     async def generate(request: Request) -> Response:
         runtime = _runtime(request)
+        caller, _ = await runtime.gate.enter(request)
         body, picture = await _read_generate(request)
         upload = await _read_upload(picture) if picture is not None else None
         key = _idempotency_key(request, body, upload.data if upload is not None else None)
@@ -443,61 +480,67 @@ def _install_routes(app: FastAPI) -> None:
                 submission = await asyncio.to_thread(runtime.store.submit, body.prompt,
                                                      queue_max=runtime.settings.queue_max,
                                                      callback_url=body.callback_url, idempotency=key,
-                                                     options=_options(runtime.settings, body))
+                                                     options=_options(runtime.settings, body),
+                                                     api_key_id=caller.key_id, admit=runtime.gate.admission(caller))
             else:
-                submission = await asyncio.to_thread(_create_upload_job, runtime, body, upload, key)
+                submission = await asyncio.to_thread(_create_upload_job, runtime, body, upload, key, caller)
         except QueueFull:
             raise ApiError(429, "Too many jobs queued, retry later",
                            {"Retry-After": str(runtime.settings.retry_after_s)}) from None
         except IdempotencyMismatch:
             raise ApiError(422, IDEMPOTENCY_MISMATCH) from None
+        except LimitExceeded as exc:
+            log.info("job refused%s: %s", f" (key {caller.key.name})" if caller.key else "", exc.message)
+            raise runtime.gate.refusal(exc, caller) from None
         job = submission.job
         if submission.replayed:
             log.info("job %s: Idempotency-Key replayed, nothing new started", job.job_id)
         else:
             runtime.orchestrator.wake()
-            log.info("job %s queued", job.job_id)
+            log.info("job %s queued%s", job.job_id, f" (key {caller.key.name})" if caller.key else "")
         # Stripe's header: this answer is the one given to the key's first request.
-        headers = {"Idempotent-Replayed": "true"} if submission.replayed else None
+        headers = {**caller.headers, **({"Idempotent-Replayed": "true"} if submission.replayed else {})}
         return JSONResponse({"job_id": job.job_id, "status": job.status.value}, headers=headers)
 
     # The hot path. This APIRoute documents it (the id's parameter by hand); a plain Starlette route with the
     # same endpoint serves it, see below.
-    @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus, responses=_errors(404),
+    @app.get("/api/status/{job_id:path}", response_model=schemas.JobStatus, responses=_errors(401, 404, 429),
              openapi_extra={"parameters": [{"name": "job_id", "in": "path", "required": True,
                                             "schema": {"type": "string"}}]})
     async def status(request: Request) -> Response:
         job_id = request.path_params["job_id"]
         runtime = _runtime(request)
-        if is_example_id(job_id):
+        if is_example_id(job_id):  # examples are public in both modes
             body = _example_status(runtime, job_id).model_dump()
             body["mesh"] = await _example_mesh(runtime, job_id)
             return JSONResponse(body)
-        job = await _get_job(runtime, job_id)
+        caller, job = await _get_job(runtime, request, job_id)
         if job is None:
             raise ApiError(404, "Job not found")
-        return JSONResponse(status_body(runtime, job))
+        return JSONResponse(status_body(runtime, job), headers=caller.headers)
 
     # Served by a plain Starlette route placed first: FastAPI's per-request machinery costs more than the lookup
     # itself, and clients poll this route every second. The route above only documents it in the OpenAPI schema.
     app.router.routes.insert(0, Route("/api/status/{job_id:path}", status, methods=["GET"]))
 
-    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 404, 503))
+    @app.get("/api/asset/{job_id:path}", responses=_errors(400, 401, 404, 429, 503))
     async def asset(job_id: str, request: Request) -> Response:
+        caller = await _asset_caller(request, job_id)
         asset_type = request.query_params.get("asset_type")
         kind = next((a for a in SERVED_ASSETS if a.value == asset_type), None)
         if kind is None:
             raise ApiError(400, "Invalid asset type")
-        return await _serve_asset(request, job_id, kind)
+        return await _serve_asset(request, job_id, kind, caller)
 
     # The same files at URLs that end in their extension (AR Quick Look has refused URLs without one on some iOS
     # releases): /api/jobs/{job_id}/model.usdz, model.glb, image.jpg, ... (storage.FILE_NAMES).
-    @app.get("/api/jobs/{job_id}/{name}", responses=_errors(404, 503))
+    @app.get("/api/jobs/{job_id}/{name}", responses=_errors(401, 404, 429, 503))
     async def asset_file(job_id: str, name: str, request: Request) -> Response:
+        caller = await _asset_caller(request, job_id)
         kind = BY_FILE_NAME.get(name)
         if kind is None:
             raise ApiError(404, "Not found")
-        return await _serve_asset(request, job_id, kind)
+        return await _serve_asset(request, job_id, kind, caller)
 
     @app.get("/api/examples", response_model=schemas.ExamplesResponse)
     async def examples(request: Request) -> schemas.ExamplesResponse:
@@ -585,7 +628,7 @@ def _install_lifecycle_routes(app: FastAPI) -> None:
     """API.md §5-§8: list, cancel, delete, live progress. Each route acts on the caller's jobs only
     (pipeline.lifecycle.caller_scope)."""
 
-    @app.get("/api/jobs", response_model=schemas.JobList, responses=_errors(400))
+    @app.get("/api/jobs", response_model=schemas.JobList, responses=_errors(400, 401, 429))
     async def list_jobs(
         request: Request,
         limit: str | None = Query(None, description=f"jobs per page, 1 to {MAX_LIMIT} (default {DEFAULT_LIMIT})"),
@@ -594,6 +637,7 @@ def _install_lifecycle_routes(app: FastAPI) -> None:
                                                      "error"),
     ) -> Response:
         runtime = _runtime(request)
+        await runtime.gate.enter(request)
         size, wanted = _limit(limit), _status_filter(status)
         before = _decode_cursor(cursor) if cursor is not None else None
         found = await asyncio.to_thread(runtime.store.list_jobs, caller_scope(request), limit=size + 1,
@@ -602,9 +646,10 @@ def _install_lifecycle_routes(app: FastAPI) -> None:
         return JSONResponse({"jobs": [status_body(runtime, job) for job in page],
                              "next_cursor": _encode_cursor(page[-1]) if len(found) > size else None})
 
-    @app.post("/api/jobs/{job_id}/cancel", response_model=schemas.JobStatus, responses=_errors(404, 409))
+    @app.post("/api/jobs/{job_id}/cancel", response_model=schemas.JobStatus, responses=_errors(401, 404, 409, 429))
     async def cancel_job(job_id: str, request: Request) -> Response:
         runtime = _runtime(request)
+        await runtime.gate.enter(request)
         if is_example_id(job_id) and runtime.catalog.get(job_id) is not None:
             raise ApiError(409, ALREADY_FINISHED)
         outcome = await runtime.lifecycle.cancel(job_id, caller_scope(request)) if is_job_id(job_id) else None
@@ -614,9 +659,10 @@ def _install_lifecycle_routes(app: FastAPI) -> None:
             raise ApiError(409, ALREADY_FINISHED)
         return JSONResponse(status_body(runtime, outcome.job))
 
-    @app.delete("/api/jobs/{job_id}", status_code=204, response_class=Response, responses=_errors(403, 404))
+    @app.delete("/api/jobs/{job_id}", status_code=204, response_class=Response, responses=_errors(401, 403, 404, 429))
     async def delete_job(job_id: str, request: Request) -> Response:
         runtime = _runtime(request)
+        await runtime.gate.enter(request)
         if is_example_id(job_id) and runtime.catalog.get(job_id) is not None:
             raise ApiError(403, EXAMPLES_READ_ONLY)
         if not (is_job_id(job_id) and await runtime.lifecycle.delete(job_id, caller_scope(request))):
@@ -629,13 +675,13 @@ def _install_lifecycle_routes(app: FastAPI) -> None:
         200: {"description": "Server-Sent Events: `status` per state change (data: the status object, id: the "
                              "change's number), then `end`; Last-Event-ID resumes (API.md §8)",
               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-        **_errors(404)})
+        **_errors(401, 404, 429)})
     async def events(job_id: str, request: Request) -> Response:
         runtime = _runtime(request)
         if is_example_id(job_id):
             stream = fixed_events(json.dumps(_example_status(runtime, job_id).model_dump(mode="json")))
         else:
-            if await _get_job(runtime, job_id) is None:
+            if (await _get_job(runtime, request, job_id))[1] is None:
                 raise ApiError(404, "Job not found")
             stream = job_events(runtime.store, job_id, last_event_id(request.headers.get("last-event-id")))
         response = event_stream(stream, runtime.settings.sse_heartbeat_s)
@@ -673,8 +719,14 @@ async def _object_response(request: Request, runtime: Runtime, job_id: str, kind
                            disposition=DISPOSITION[kind])
 
 
-async def _serve_asset(request: Request, job_id: str, kind: Asset) -> Response:
-    """A job's or an example's file; a format made on demand is made first (pipeline/formats.py)."""
+async def _asset_caller(request: Request, job_id: str) -> Caller:
+    """Examples are public in both modes; in keys mode a job's key is checked before anything else."""
+    return ANYONE if is_example_id(job_id) else (await _runtime(request).gate.enter(request))[0]
+
+
+async def _serve_asset(request: Request, job_id: str, kind: Asset, caller: Caller) -> Response:
+    """A job's or an example's file, for a caller admitted already; a format made on demand is made first
+    (pipeline/formats.py)."""
     runtime = _runtime(request)
     if is_example_id(job_id):
         example = runtime.catalog.get(job_id)
@@ -683,13 +735,16 @@ async def _serve_asset(request: Request, job_id: str, kind: Asset) -> Response:
         glb, path = example.path(Asset.glb), example.path(kind)
         if kind in ON_DEMAND and not path.is_file():  # shipped examples are read-only: their formats go here
             path = runtime.settings.data_dir / "example-formats" / job_id / FILE_NAMES[kind]
-    elif await _get_job(runtime, job_id) is not None:
+    elif (job := await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None) is not None \
+            and caller.owns(job):
         glb, path = runtime.assets.local_path(job_id, Asset.glb), runtime.assets.local_path(job_id, kind)
         if path is None:  # object storage: its files stream from there; formats on request need a folder
             if kind in ON_DEMAND:
                 raise ApiError(404, "This format is made on request, which needs the folder asset store "
                                     "(GROK3D_ASSETS_URL unset or a folder)")
-            return await _object_response(request, runtime, job_id, kind)
+            response = await _object_response(request, runtime, job_id, kind)
+            response.headers.update(caller.headers)
+            return response
     else:
         raise ApiError(404, "Job not found")
     if kind in ON_DEMAND:
@@ -697,7 +752,9 @@ async def _serve_asset(request: Request, job_id: str, kind: Asset) -> Response:
             await runtime.formats.ensure(glb, path, kind)
         except FormatError as exc:
             raise ApiError(exc.status_code, exc.message, exc.headers) from None
-    return _file_response(request, path, job_id, kind)
+    response = _file_response(request, path, job_id, kind)
+    response.headers.update(caller.headers)
+    return response
 
 
 def _file_response(request: Request, path, job_id: str, kind: Asset) -> Response:

@@ -3,8 +3,8 @@
 The tables below are the one definition of what the store keeps; `pipeline.jobs` reads and writes them, and the
 Alembic revisions in `pipeline/migrations/versions/` bring an existing database up to them. The SQL stays
 portable across the two engines, SQLite (the embedded default) and PostgreSQL (several replicas): what differs
-lives here, behind the dialect's name (`db_now`, `transaction_lock`, the connection set-up), and in the claim of
-`pipeline.jobs`.
+lives here, behind the dialect's name (`db_now`, `transaction_lock`, the connection set-up, `upsert`,
+`relax_durability`, `Prepared`), and in the claim of `pipeline.jobs`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (JSON, Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, inspect, text)
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float as FloatType
@@ -61,11 +62,17 @@ jobs = Table(
     Column("cancel_requested", Integer, nullable=False, server_default=text("0")),
     Column("deleting", Integer, nullable=False, server_default=text("0")),
     Column("events", Integer, nullable=False, server_default=text("0")),
+    # The API key that submitted the job (api_keys.id); null for jobs submitted in open mode. No foreign key:
+    # a key is revoked, never deleted, and SQLite would not enforce one anyway.
+    Column("api_key_id", Integer),
     # Queued and running jobs, oldest first: what the dispatcher scans and the queue bound counts.
     Index("jobs_active", "created_at", sqlite_where=text("status IN ('queued', 'processing')"),
           postgresql_where=text("status IN ('queued', 'processing')")),
     # The list route's order (newest first, ties by id) and the sweeper's age scan.
     Index("jobs_by_created", "created_at", "job_id"),
+    # A key's jobs in flight and jobs today (pipeline/quotas.py), and every job of today (the service's ceiling).
+    Index("jobs_by_key", "api_key_id", "created_at"),
+    Index("jobs_created", "created_at"),
 )
 
 # One row per state change of a job, in order (`seq` is 1, 2, ...): the Server-Sent Events of
@@ -112,6 +119,32 @@ idempotency_keys = Table(
     Column("created_at", Float, nullable=False),  # the database's clock
 )
 
+# API keys (pipeline/keys.py). A key is stored only as its SHA-256 (`key_hash`, hex); its limits are fixed when it
+# is created; revocation sets `revoked_at` and keeps the row, so the key's jobs keep their owner and its name
+# stays taken.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(64), nullable=False, unique=True),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("rpm", Integer, nullable=False),  # requests per minute
+    Column("max_in_flight", Integer, nullable=False),  # jobs queued or processing at once
+    Column("jobs_per_day", Integer, nullable=False),  # jobs created per UTC day
+    Column("created_at", String(26), nullable=False),  # as jobs.created_at
+    Column("revoked_at", String(26)),
+)
+
+# Fixed-window counters of the `limits` package (pipeline/ratelimit.py's storage): one row per limit and key, the
+# hits of its current window and when that window ends (seconds since the epoch on the database's clock).
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("key", String(255), primary_key=True),
+    Column("hits", Integer, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The revision that matches the schema the seed created without Alembic (grok3d.db of data folders made before
 # migrations existed): such a database is stamped with it, then upgraded.
@@ -154,6 +187,66 @@ def transaction_lock(connection: Connection, name: str) -> None:
         connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": zlib.crc32(name.encode())})
 
 
+def upsert(engine: Engine, table: Table):
+    """INSERT ... ON CONFLICT for `table` in the engine's dialect: SQLite and PostgreSQL spell it alike, and
+    SQLAlchemy builds it only through their dialects' own `insert` (which add `on_conflict_do_update`)."""
+    dialects = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+    if engine.dialect.name not in dialects:
+        raise NotImplementedError(f"no UPSERT for the {engine.dialect.name} dialect")
+    return dialects[engine.dialect.name](table)
+
+
+class Prepared:
+    """A Core statement compiled once for an engine's dialect and run straight on the driver's cursor (PEP 249).
+
+    For the statements of the hot path (a status poll's job lookup, a keyed request's count): SQLAlchemy's
+    execution machinery (events, parameter and result processing, result objects) costs several times what SQLite
+    takes to run them. The SQL is still SQLAlchemy's, for whichever dialect the engine speaks; only statements whose
+    parameters and results need no type processing (numbers, strings) may be run so."""
+
+    def __init__(self, engine: Engine, statement) -> None:
+        compiled = statement.compile(dialect=engine.dialect)
+        self.sql = str(compiled)
+        self._names = list(compiled.positiontup) if compiled.positional else None
+        self._fixed = dict(compiled.params)  # the statement's own values (`deleting == 0`, ...); callers add theirs
+
+    def rows(self, connection: Connection, params: dict, *, commit: bool = False) -> list[tuple]:
+        """Run on `connection` (in its open transaction, if it has one); every row of the result. `commit`: the
+        statement is a write of its own, committed on the driver once its rows are read (on SQLite, where the
+        driver runs a statement outside BEGIN in a transaction of its own, that has happened already)."""
+        params = {**self._fixed, **params}
+        args = [params[name] for name in self._names] if self._names is not None else params
+        dbapi_connection = connection.connection.dbapi_connection
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(self.sql, args)
+            rows = cursor.fetchall()
+        finally:
+            cursor.close()
+        if commit:
+            dbapi_connection.commit()
+        return rows
+
+
+def relax_durability(connection: Connection) -> None:
+    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit without
+    waiting for the disk: counters worth less than an fsync, of which a power cut loses at most the last moments.
+    On SQLite, synchronous=NORMAL: in WAL mode that skips the fsync of each commit (4 ms here; a counter bumped by
+    every API request cannot wait for it) and stays safe from corruption; the next durable commit's fsync of the
+    log covers it. The level belongs to the connection, which goes back to FULL before its next transaction
+    (`_sqlite_begin`). On PostgreSQL such a statement commits as any other (`SET LOCAL synchronous_commit` would
+    cost a round trip of its own)."""
+    if connection.dialect.name == "sqlite":
+        _sqlite_synchronous(connection, "NORMAL")
+
+
+def _sqlite_synchronous(connection: Connection, level: str) -> None:
+    """Set the connection's synchronous level, when it is another one (outside a transaction only)."""
+    if connection.info.get("synchronous") != level:
+        connection.connection.driver_connection.execute(f"PRAGMA synchronous={level}")
+        connection.info["synchronous"] = level
+
+
 def sqlite_url(path: Path) -> str:
     return f"sqlite+pysqlite:///{path}"
 
@@ -171,7 +264,7 @@ def create_store_engine(url: str) -> Engine:
     return engine
 
 
-def _sqlite_connect(dbapi_connection, _record) -> None:
+def _sqlite_connect(dbapi_connection, record) -> None:
     # The sqlite3 module's own transaction handling would open transactions lazily and in its own way; with
     # isolation_level None it leaves them to us (SQLAlchemy's documented recipe for pysqlite).
     dbapi_connection.isolation_level = None
@@ -180,14 +273,20 @@ def _sqlite_connect(dbapi_connection, _record) -> None:
     cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+    record.info["synchronous"] = "FULL"
 
 
 def _sqlite_begin(connection) -> None:
     # Writes take the write lock when they begin (BEGIN IMMEDIATE), so a read-then-write transaction (the queue
     # bound, a claim) cannot be overtaken between its read and its write; plain reads begin deferred and never
     # wait for a writer in WAL mode.
+    #
+    # A write is durable (synchronous=FULL), whatever counters the connection committed before (relax_durability).
+    # BEGIN goes straight to the driver: SQLAlchemy's statement machinery costs more than the statement.
     immediate = connection.get_execution_options().get("sqlite_immediate", False)
-    connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+    if immediate:
+        _sqlite_synchronous(connection, "FULL")
+    connection.connection.driver_connection.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def _alembic_config(connection) -> Config:

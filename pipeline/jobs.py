@@ -19,7 +19,7 @@ import secrets
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from datetime import datetime, timedelta, timezone
 from enum import Enum
@@ -28,8 +28,8 @@ from functools import lru_cache
 from sqlalchemy import (Connection, and_, bindparam, case, delete, exc, false, func, insert, literal, or_, select,
                         true, update)
 
-from pipeline.db import (create_store_engine, db_now, idempotency_keys, is_postgresql, job_events, jobs, migrate,
-                         transaction_lock, webhook_deliveries)
+from pipeline.db import (Prepared, create_store_engine, db_now, idempotency_keys, is_postgresql, job_events, jobs,
+                         migrate, relax_durability, transaction_lock, webhook_deliveries)
 from pipeline.storage import new_job_id
 
 
@@ -144,6 +144,7 @@ class Job:
     cancel_requested: int
     deleting: int
     events: int
+    api_key_id: int | None
 
     @classmethod
     def from_row(cls, row) -> Job:
@@ -154,6 +155,16 @@ class Job:
     @property
     def options(self) -> JobOptions:
         return JobOptions(self.resolution, self.face_limit, self.size_m)
+
+    @classmethod
+    def from_values(cls, values) -> Job:
+        """A row as the driver returns it: the values of `select(jobs)`, in the table's (and so Job's) order."""
+        values = list(values)
+        values[_STATUS], values[_STAGE] = Status(values[_STATUS]), Stage(values[_STAGE])
+        values[_SOURCE] = Source(values[_SOURCE])
+        if isinstance(values[_MESH], str):  # the driver's own value: SQLite keeps JSON as text
+            values[_MESH] = json.loads(values[_MESH])
+        return cls(*values)
 
 
 @dataclass(frozen=True)
@@ -166,6 +177,8 @@ class Lease:
 
 
 JOB_COLUMNS = [f.name for f in fields(Job)]
+_STATUS, _STAGE = JOB_COLUMNS.index("status"), JOB_COLUMNS.index("stage")
+_SOURCE, _MESH = JOB_COLUMNS.index("source"), JOB_COLUMNS.index("mesh")
 
 
 def utc_now_iso() -> str:
@@ -246,11 +259,10 @@ def _visible():
 
 
 def _in_scope(scope: str | None):
-    """The caller's jobs. None (open mode) is every job. The seam for API keys (issue 14): a key's scope will
-    filter on the job's owning key, which that issue adds."""
+    """The caller's jobs: None (open mode) is every job; a key's scope (its id) is the jobs that key submitted."""
     if scope is None:
         return true()
-    raise NotImplementedError("caller scopes other than open mode come with API keys (issue 14)")
+    return jobs.c.api_key_id == int(scope)
 
 
 class JobStore:
@@ -269,8 +281,9 @@ class JobStore:
         # ours instead, and only other processes meet the busy handler.
         self._write_lock = threading.Lock() if self.engine.dialect.name == "sqlite" else nullcontext()
         migrate(self.engine)
-        # The status poll: one key lookup.
-        self._get = select(jobs).where(jobs.c.job_id == bindparam("job_id"), _visible())
+        # The status poll: one key lookup, compiled once and run on the driver (pipeline.db.Prepared): SQLAlchemy's
+        # execution machinery cost five times the lookup itself.
+        self._get = Prepared(self.engine, select(jobs).where(jobs.c.job_id == bindparam("job_id"), _visible()))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -286,18 +299,38 @@ class JobStore:
         with self.engine.connect() as conn:
             yield conn
 
+    def write(self) -> AbstractContextManager[Connection]:
+        """A write transaction on this store's database, for the stores that share it (pipeline/keys.py): their
+        writes queue on the same lock as the job store's own."""
+        return self._write()
+
+    def read(self) -> AbstractContextManager[Connection]:
+        return self._read()
+
+    @contextmanager
+    def counting(self) -> Iterator[Connection]:
+        """A connection for counters (pipeline/ratelimit.py), outside any transaction: each statement it runs is
+        one atomic write that commits by itself (pipeline.db.Prepared with commit), without waiting for the disk
+        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN, COMMIT or fsync; its
+        writes still queue on the job store's write lock."""
+        with self._write_lock, self.engine.connect() as conn:
+            relax_durability(conn)
+            yield conn
+
     # -- writes ---------------------------------------------------------------------------------------------
 
     def create(self, prompt: str | None, *, queue_max: int, callback_url: str | None = None,
                source: Source = Source.prompt, options: JobOptions = JobOptions(),
-               on_insert: Callable[[str], None] | None = None) -> Job:
+               on_insert: Callable[[str], None] | None = None, api_key_id: int | None = None,
+               admit: Callable[[Connection], None] | None = None) -> Job:
         """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull); see `submit`."""
         return self.submit(prompt, queue_max=queue_max, callback_url=callback_url, source=source, options=options,
-                           on_insert=on_insert).job
+                           on_insert=on_insert, api_key_id=api_key_id, admit=admit).job
 
     def submit(self, prompt: str | None, *, queue_max: int, callback_url: str | None = None,
                idempotency: IdempotencyKey | None = None, source: Source = Source.prompt,
-               options: JobOptions = JobOptions(), on_insert: Callable[[str], None] | None = None) -> Submission:
+               options: JobOptions = JobOptions(), on_insert: Callable[[str], None] | None = None,
+               api_key_id: int | None = None, admit: Callable[[Connection], None] | None = None) -> Submission:
         """Insert a queued job, unless `queue_max` jobs are already queued or running (QueueFull).
 
         With an idempotency key seen in the last 24 hours, the job it made then instead, and nothing new
@@ -307,18 +340,24 @@ class JobStore:
 
         `on_insert(job_id)` runs inside the inserting transaction, once the id is known to be free and before any
         other process can see the job: a job that needs a file from its client (an upload) is never claimed
-        without it. If it raises, the job is not created."""
+        without it. If it raises, the job is not created.
+
+        `api_key_id`: the key that owns the job. `admit(conn)` runs in the insert's transaction first and raises to
+        refuse the job (the quotas of pipeline/quotas.py: what it counts cannot change before the insert)."""
         now = utc_now_iso()
         for _ in range(20):  # 8 hex digits: a collision is rare, and simply retried
             values = dict(job_id=new_job_id(), prompt=prompt, status=Status.queued.value,
                           stage=Stage.initializing.value, progress=0, created_at=now, updated_at=now,
                           callback_url=callback_url, events=1, source=source.value,
-                          resolution=options.resolution, face_limit=options.face_limit, size_m=options.size_m)
+                          resolution=options.resolution, face_limit=options.face_limit, size_m=options.size_m,
+                          api_key_id=api_key_id)
             try:
                 with self._write() as conn:
                     transaction_lock(conn, "grok3d.queue")  # the count and the insert, one at a time everywhere
                     if idempotency is not None and (earlier := self._replay(conn, idempotency)) is not None:
-                        return Submission(earlier, replayed=True)
+                        return Submission(earlier, replayed=True)  # a replay starts nothing, so counts nothing
+                    if admit is not None:
+                        admit(conn)
                     active = conn.execute(select(func.count()).select_from(jobs)
                                           .where(jobs.c.status.in_(ACTIVE))).scalar_one()
                     if active >= queue_max:
@@ -556,10 +595,15 @@ class JobStore:
 
     # -- reads ----------------------------------------------------------------------------------------------
 
-    def get(self, job_id: str) -> Job | None:
-        with self._read() as conn:
-            row = conn.execute(self._get, {"job_id": job_id}).one_or_none()
-        return Job.from_row(row) if row is not None else None
+    def get(self, job_id: str, *, conn: Connection | None = None) -> Job | None:
+        """The job, or None. `conn`: read it on that connection (a keyed status poll reads its job on the connection
+        that counted its request: one round of the pool instead of two)."""
+        if conn is not None:
+            rows = self._get.rows(conn, {"job_id": job_id})
+        else:
+            with self._read() as conn:
+                rows = self._get.rows(conn, {"job_id": job_id})
+        return Job.from_values(rows[0]) if rows else None
 
     def status_of(self, job: Job) -> dict:
         """The status object of API.md §2: the job's fields by name, and when the job expires."""

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from pipeline.auth import CALLER_SCOPE
+
 from pipeline.jobs import CancelOutcome, JobStore, Status
 from pipeline.orchestrator import Orchestrator
 from pipeline.storage import AssetStore, is_job_id
@@ -33,9 +35,9 @@ STOP_WAIT_S = 30.0
 
 
 def caller_scope(request: Request) -> str | None:
-    """The jobs the caller may see and act on: None (open mode) means every job. The one seam for API keys (issue
-    14): every life-cycle route asks it, and in keys mode it will name the caller's key."""
-    return None
+    """The jobs the caller may see and act on: None (open mode) means every job; in keys mode, the caller's key
+    (as pipeline.auth.Gate.enter, which every route calls first, left it in the request)."""
+    return request.scope.get(CALLER_SCOPE)
 
 
 def scope_key(scope: str | None) -> str:

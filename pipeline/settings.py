@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     s3_endpoint: str | None = Field(None, alias="GROK3D_S3_ENDPOINT")
     # 0: downloads stream through the API; N > 0: GET answers a redirect to a presigned URL valid N seconds.
     assets_redirect_s: int = Field(0, alias="GROK3D_ASSETS_REDIRECT_S", ge=0, le=7 * 86400)
+    # Who may use the job routes: `open` (anyone who reaches the port) or `keys` (API keys, pipeline/auth.py).
+    auth: Literal["open", "keys"] = Field("open", alias="GROK3D_AUTH")
+    # Jobs per UTC day, whoever submits them: the ceiling on the xAI spend in both modes (0: none).
+    daily_job_limit: int = Field(1000, alias="GROK3D_DAILY_JOB_LIMIT", ge=0)
 
     xai_api_key: str | None = Field(None, alias="XAI_API_KEY")
     xai_base_url: str = Field("https://api.x.ai/v1", alias="XAI_BASE_URL")

@@ -356,17 +356,17 @@ def test_openapi_documents_the_contract_not_fastapis_defaults(client):
     assert body["application/json"]["schema"]["anyOf"] == [{"required": ["prompt"]}, {"required": ["image"]}]
     assert body["multipart/form-data"]["schema"]["required"] == ["image"]
     assert "callback_url" in body["application/json"]["schema"]["properties"]
-    assert set(generate["responses"]) == {"200", "400", "413", "422", "429", "503"}  # 422: Idempotency-Key reused
+    assert set(generate["responses"]) == {"200", "400", "401", "413", "422", "429", "503"}  # 422: Idempotency-Key reused
     assert [p["name"] for p in generate["parameters"]] == ["Idempotency-Key"]
-    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "404", "503"}
-    assert set(spec["paths"]["/api/jobs/{job_id}/{name}"]["get"]["responses"]) == {"200", "404", "503"}
+    assert set(spec["paths"]["/api/asset/{job_id}"]["get"]["responses"]) == {"200", "400", "401", "404", "429", "503"}
+    assert set(spec["paths"]["/api/jobs/{job_id}/{name}"]["get"]["responses"]) == {"200", "401", "404", "429", "503"}
     # The life cycle's routes (API.md §5-§8), with their errors and no 422.
-    assert set(spec["paths"]["/api/jobs"]["get"]["responses"]) == {"200", "400"}
+    assert set(spec["paths"]["/api/jobs"]["get"]["responses"]) == {"200", "400", "401", "429"}
     assert {p["name"] for p in spec["paths"]["/api/jobs"]["get"]["parameters"]} == {"limit", "cursor", "status"}
-    assert set(spec["paths"]["/api/jobs/{job_id}/cancel"]["post"]["responses"]) == {"200", "404", "409"}
-    assert set(spec["paths"]["/api/jobs/{job_id}"]["delete"]["responses"]) == {"204", "403", "404"}
+    assert set(spec["paths"]["/api/jobs/{job_id}/cancel"]["post"]["responses"]) == {"200", "401", "404", "409", "429"}
+    assert set(spec["paths"]["/api/jobs/{job_id}"]["delete"]["responses"]) == {"204", "401", "403", "404", "429"}
     events = spec["paths"]["/api/status/{job_id}/events"]["get"]["responses"]
-    assert set(events) == {"200", "404"} and "text/event-stream" in events["200"]["content"]
+    assert set(events) == {"200", "401", "404", "429"} and "text/event-stream" in events["200"]["content"]
     assert "expires_at" in spec["components"]["schemas"]["JobStatus"]["properties"]
 
 

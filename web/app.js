@@ -14,6 +14,14 @@ const STAGE_WORDS = {
   complete: "Done",
 };
 const UNREACHABLE = "The server cannot be reached. Check that it is running and your connection works.";
+// A server in keys mode (GROK3D_AUTH=keys) answers the job routes 401 without a key: the page asks for one once
+// and keeps it in this browser.
+const KEY_STORAGE = "grok3d.apiKey";
+const KEY_WORDS = {
+  "API key required": "This server needs an API key to make models. Ask its operator for one; it is kept in this "
+    + "browser only.",
+  "Invalid API key": "The server did not accept that API key (unknown or revoked). Enter another one.",
+};
 
 const $ = (id) => document.getElementById(id);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
@@ -21,6 +29,30 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 // Each action (a submitted prompt, an opened example) takes a new number; a job being followed stops as soon as
 // the number moves on, so the most recent action owns the page.
 let currentAction = 0;
+
+function storedKey() {
+  try {
+    return localStorage.getItem(KEY_STORAGE);
+  } catch {
+    return null; // storage switched off: the page works like one with no key
+  }
+}
+
+function storeKey(key) {
+  try {
+    if (key) localStorage.setItem(KEY_STORAGE, key);
+    else localStorage.removeItem(KEY_STORAGE);
+  } catch {
+    // Nowhere to keep it: it is asked for again on the next load.
+  }
+}
+
+// RFC 6750 §2.1: the key goes in the Authorization header, never in a URL (URLs end up in logs and histories).
+function withKey(options) {
+  const key = storedKey();
+  if (!key) return options;
+  return { ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${key}` } };
+}
 
 class ApiError extends Error {
   constructor(message, status = null) {
@@ -33,7 +65,7 @@ class ApiError extends Error {
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, withKey(options));
   } catch {
     throw new ApiError(UNREACHABLE);
   }
@@ -95,20 +127,91 @@ function setViewerState(state, words) {
   $("viewer-state").textContent = words;
 }
 
-function showResult(jobId, title, mesh = null) {
+// The object URLs of the keyed result on show, released when another result replaces it.
+let keyedUrls = [];
+
+function showResult(jobId, title, mesh = null, urls = null) {
   const viewer = $("viewer");
+  const url = (type) => (urls ? urls[type] : assetUrl(jobId, type));
   $("result-title").textContent = title;
   if (viewerInstalled === false) setViewerState("missing", NOT_INSTALLED);
   else setViewerState("loading", "Loading the 3D model…");
-  viewer.setAttribute("poster", assetUrl(jobId, "image"));
-  viewer.setAttribute("ios-src", fileUrl(jobId, "model.usdz")); // AR Quick Look on iPhone and iPad
-  viewer.setAttribute("src", assetUrl(jobId, "glb")); // also what Scene Viewer gets on Android
+  viewer.setAttribute("poster", url("image"));
+  // AR Quick Look on iPhone and iPad: the path form, whose URL ends in .usdz (a keyed result: the fetched file).
+  viewer.setAttribute("ios-src", urls ? url("usdz") : fileUrl(jobId, "model.usdz"));
+  viewer.setAttribute("src", url("glb")); // also what Scene Viewer gets on Android
   for (const [id, [type, suffix]] of Object.entries(DOWNLOADS)) {
-    $(id).href = assetUrl(jobId, type);
+    $(id).href = urls && urls[type] ? urls[type] : assetUrl(jobId, type);
     $(id).download = `${jobId}.${suffix}`;
   }
   $("mesh-report").textContent = mesh ? describeMesh(mesh) : "";
   $("result").hidden = false;
+  for (const old of keyedUrls) URL.revokeObjectURL(old);
+  keyedUrls = urls ? Object.values(urls) : [];
+}
+
+// A job's files need the key too when the page has one, and neither <model-viewer>, an <img> nor a download link
+// can send a header: the page fetches them itself and hands the viewer object URLs. (Scene Viewer on Android needs
+// a URL it can fetch on its own, so with a key AR there goes through WebXR.)
+async function showJobResult(jobId, title, action, mesh = null) {
+  if (!storedKey()) {
+    showResult(jobId, title, mesh);
+    return;
+  }
+  const urls = {};
+  try {
+    await Promise.all(["image", "glb", "usdz"].map(async (type) => {
+      let response;
+      try {
+        response = await fetch(assetUrl(jobId, type), withKey({}));
+      } catch {
+        throw new ApiError(UNREACHABLE);
+      }
+      if (!response.ok) {
+        const body = await response.json().catch(() => null);
+        throw new ApiError(body && typeof body.error === "string" ? body.error
+          : `The server answered ${response.status} ${response.statusText}`.trim() + ".", response.status);
+      }
+      urls[type] = URL.createObjectURL(await response.blob());
+    }));
+  } catch (error) {
+    for (const made of Object.values(urls)) URL.revokeObjectURL(made);
+    if (action === currentAction) showError(error.message);
+    return;
+  }
+  if (action !== currentAction) {
+    for (const made of Object.values(urls)) URL.revokeObjectURL(made);
+    return;
+  }
+  showResult(jobId, title, mesh, urls);
+}
+
+// What to do again once the visitor has given a key.
+let retryWithKey = null;
+
+function askForKey(error, retry) {
+  if (error.message === "Invalid API key") storeKey(null); // refused (revoked, or another server's): no use
+  retryWithKey = retry;
+  hideProgress();
+  clearError();
+  $("key-message").textContent = KEY_WORDS[error.message] || error.message;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+function saveKey(event) {
+  event.preventDefault();
+  const key = $("api-key").value.trim();
+  if (!key) {
+    $("api-key").focus();
+    return;
+  }
+  storeKey(key);
+  $("api-key").value = "";
+  $("key-form").hidden = true;
+  const retry = retryWithKey;
+  retryWithKey = null;
+  if (retry) retry();
 }
 
 // API.md's mesh report in words: "20,480 faces · 0.50 × 0.30 × 0.46 m · watertight, 0.036 m³".
@@ -166,7 +269,8 @@ function showJob(jobId, job) {
   clearError();
   if (job.status === "complete") {
     hideProgress();
-    showResult(jobId, titleOf(job), job.mesh);
+    if (storedKey()) showJobResult(jobId, titleOf(job), currentAction, job.mesh); // files fetched with the key
+    else showResult(jobId, titleOf(job), job.mesh);
     if (savedJobs().some((saved) => saved.job_id === jobId)) showJobs(); // its card gets the preview now
     return true;
   }
@@ -220,6 +324,10 @@ async function follow(jobId, action) {
       job = await api(`/api/status/${encodeURIComponent(jobId)}`);
     } catch (error) {
       if (action !== currentAction) return;
+      if (error.status === 401) {
+        askForKey(error, () => follow(jobId, startAction(jobId)));
+        return;
+      }
       if (error.status !== null) { // the server answered: "Job not found" and the like
         hideProgress();
         showError(error.message);
@@ -268,6 +376,10 @@ async function submit(event) {
     job = await api("/api/generate", generateRequest(prompt, picture));
   } catch (error) {
     if (action !== currentAction) return;
+    if (error.status === 401) {
+      askForKey(error, () => $("generate-form").requestSubmit());
+      return;
+    }
     hideProgress();
     showError(error.message);
     return;
@@ -381,6 +493,7 @@ function resumeFromAddress() {
 
 $("generate-form").addEventListener("submit", submit);
 watchPicture();
+$("key-form").addEventListener("submit", saveKey);
 watchViewer();
 showJobs();
 loadViewer();
