@@ -81,7 +81,7 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
     with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.get("/livez").status_code == 200  # BentoML's health routes, beside our app at "/"
-        assert c.get("/readyz").status_code == 200
+        srv.wait_for("/readyz", timeout_s=60)  # 200 once the model's state is known
         log = srv.log()
         for service in ("grok3d", "triposr"):
             pid = srv.worker(service).pid
