@@ -17,7 +17,7 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.inference import reconstruct_batch
 from runners.triposr.loading import random_model
 from runners.triposr.mesh import marching_cubes
@@ -30,7 +30,7 @@ GPU = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def models() -> tuple[TripoSR, TripoSR]:
-    return TripoSR.from_pretrained(DATA, device="cpu"), TripoSR.from_pretrained(DATA, device="cuda")
+    return load_model(DATA, device="cpu"), load_model(DATA, device="cuda")
 
 
 def codes() -> torch.Tensor:

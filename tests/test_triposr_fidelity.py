@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.loading import config_for, random_state_dict, read_checkpoint
-from runners.triposr.mesh import grid_points
+from runners.triposr.mesh import extract_meshes, grid_points
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 
@@ -21,7 +21,7 @@ DATA = Path(__file__).parent / "data" / "triposr-tiny"
 @pytest.fixture(scope="module")
 def model() -> TripoSR:
     torch.set_num_threads(1)
-    return TripoSR.from_pretrained(DATA)
+    return load_model(DATA)
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def polygon_edges(grid_vertices: np.ndarray, faces: np.ndarray) -> set[tuple]:
 def test_mesh_matches_original(model: TripoSR) -> None:
     ref = np.load(DATA / "mesh32.npz")
     codes = torch.from_numpy(expected("scene_codes_b1.npy"))
-    mesh = model.extract_mesh(codes, resolution=32, threshold=float(ref["threshold"]))[0]
+    mesh = extract_meshes(model, codes, resolution=32, threshold=float(ref["threshold"]))[0]
     verts, faces = np.asarray(mesh.vertices), np.asarray(mesh.faces)
     dist, idx = cKDTree(ref["vertices"]).query(verts)
     assert len(verts) == len(ref["vertices"]) and dist.max() < 1e-4
@@ -120,7 +120,7 @@ def test_mesh_matches_original(model: TripoSR) -> None:
 
 
 def test_one_changed_weight_is_caught(images: list[Image.Image]) -> None:
-    model = TripoSR.from_pretrained(DATA)
+    model = load_model(DATA)
     with torch.no_grad():
         model.backbone.proj_out.weight.view(-1)[0] += 0.001  # the smallest change in the fixture's sensitivity table
     assert max_abs(model(images[:1]), expected("scene_codes_b1.npy")) > 1e-4

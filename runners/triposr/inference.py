@@ -13,7 +13,7 @@ import torch
 from PIL import Image as PILImage
 
 from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
-from runners.triposr.mesh import to_delivery_glb
+from runners.triposr.mesh import extract_meshes, to_delivery_glb
 from runners.triposr.precision import number_format, resolve as resolve_precision
 from runners.triposr.wire import UNREADABLE
 
@@ -52,7 +52,7 @@ def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution
     with number_format(plan.network, model.device):
         codes = model(pictures)
     with number_format(plan.grid, model.device):
-        meshes = model.extract_mesh(codes, resolution=resolution, threshold=threshold)
+        meshes = extract_meshes(model, codes, resolution=resolution, threshold=threshold)
     return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else b"" for mesh in meshes]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    import trimesh
     from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -391,14 +389,6 @@ class TripoSR(nn.Module):
             cfg.decoder_in_channels, cfg.decoder_neurons, cfg.decoder_hidden_layers, cfg.decoder_activation
         )
 
-    # -- loading ------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu") -> TripoSR:
-        """A folder (config.yaml + model.ckpt), a BentoML tag (name:version) or a Hugging Face repo id."""
-        from runners.triposr.loading import load_model
-
-        return load_model(source, device=device)
-
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
@@ -497,12 +487,3 @@ class TripoSR(nn.Module):
             raw = rest(pre.to(compute))[..., 0].to(dtype)
             density[:, i : i + step] = torch.exp(raw + self.cfg.density_bias)
         return density
-
-    @torch.no_grad()
-    def extract_mesh(
-        self, scene_codes: torch.Tensor, resolution: int = 256, threshold: float = 25.0
-    ) -> list[trimesh.Trimesh]:
-        """Scene codes -> one mesh per scene with vertex colours, in the original's model frame (z up)."""
-        from runners.triposr.mesh import extract_meshes
-
-        return extract_meshes(self, scene_codes, resolution, threshold)
