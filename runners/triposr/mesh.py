@@ -171,7 +171,7 @@ def marching_cubes(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tenso
 
 
 def grid_points(resolution: int, radius: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The mesh-extraction grid (§3.5): linspace(0, 1, R) per axis, 'ij' order (z fastest) -> [R^3, 3] model units."""
+    """The mesh-extraction grid (upstream tsr/models/isosurface.py): linspace(0, 1, R) per axis, 'ij' order (z fastest) -> [R^3, 3] model units."""
     g = torch.linspace(0, 1, resolution, device=device)
     x, y, z = torch.meshgrid(g, g, g, indexing="ij")
     return torch.stack([x, y, z], dim=-1).reshape(-1, 3) * (2 * radius) - radius
@@ -210,7 +210,7 @@ def mesh_from_arrays(verts: torch.Tensor, faces: torch.Tensor, colors: torch.Ten
 def to_delivery_glb(mesh: trimesh.Trimesh, size_m: float = 0.5) -> bytes:
     """Model-frame mesh -> binary glTF in API.md's delivery frame.
 
-    Model frame (facts §3.6): z up, the input camera on +x. Delivery: Y up, metres, the side the image shows
+    Model frame (upstream tsr/utils.py's camera helpers): z up, the input camera on +x. Delivery: Y up, metres, the side the image shows
     facing +Z, resting on y = 0, centred in x and z, largest side `size_m`, vertex colours kept (COLOR_0).
     (X, Y, Z) = (y, z, x) is a rotation (a cyclic axis permutation), so the winding stays outward.
     """

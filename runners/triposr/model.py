@@ -1,12 +1,19 @@
-"""TripoSR, the network, written from the facts file (shared/facts/triposr.md) top to bottom.
+"""TripoSR, the network, top to bottom: our own PyTorch code that computes what the original computes.
 
-image (PIL) -> preprocess (resize to cond_image_size, §3.1) -> DINO ViT image tokens (§3.3)
-learned triplane tokens -> Transformer1D backbone with cross-attention to the image tokens (§3.3)
--> upsampler (ConvTranspose2d) -> scene codes [B, 3, C, 2P, 2P]
-points -> triplane sampling -> NeRF MLP decoder -> density, colour (§3.4) -> mesh (§3.5, mesh.py)
+Upstream: github.com/VAST-AI-Research/TripoSR at commit d26e33181947bbbc4c6fc0f5734e1ec6c080956e (2024-05-14,
+MIT licence), with the checkpoint's config.yaml of huggingface.co/stabilityai/TripoSR and the ViT that
+transformers 4.35's `ViTModel` builds from facebook/dino-vitb16's config.json. Nothing is copied from those files;
+the upstream file each part follows is named where the part begins:
+
+image (PIL) -> preprocess (resize to cond_image_size; tsr/utils.py) -> DINO ViT image tokens
+(tsr/models/tokenizers/image.py) -> learned triplane tokens (tsr/models/tokenizers/triplane.py) -> Transformer1D
+backbone with cross-attention to the image tokens (tsr/models/transformer/) -> upsampler (ConvTranspose2d;
+tsr/models/network_utils.py) -> scene codes [B, 3, C, 2P, 2P]
+points -> triplane sampling (tsr/models/nerf_renderer.py) -> NeRF MLP decoder -> density, colour
 
 Parameter names follow the official checkpoint (transformers-4 ViT naming, diffusers-style backbone), so
-`model.ckpt` loads strictly. Loading lives in loading.py; marching cubes and GLB export in mesh.py.
+`model.ckpt` loads strictly. This module imports nothing of loading.py (config.yaml, model.ckpt) or mesh.py (marching
+cubes, colours, GLB export): they build on it.
 """
 
 from __future__ import annotations
@@ -28,11 +35,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configuration (§1). Defaults are the official values; loading.py fills these from config.yaml.
+# Configuration: stabilityai/TripoSR's config.yaml and the class defaults it leaves out. Defaults are the
+# official values; loading.py fills these from config.yaml.
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ViTConfig:
-    """The Hugging Face ViTConfig fields the image tokenizer uses (§1.2: facebook/dino-vitb16)."""
+    """The Hugging Face ViTConfig fields the image tokenizer uses (defaults: facebook/dino-vitb16's config.json)."""
 
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -71,7 +79,7 @@ class TripoSRConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Image tokenizer: DINO ViT-B/16 (transformers 4.x ViTModel layout, §1.2 and §2)
+# Image tokenizer: DINO ViT-B/16 (upstream tsr/models/tokenizers/image.py; transformers 4.x ViTModel layout)
 # ---------------------------------------------------------------------------------------------------------
 class ViTPatchEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
@@ -92,7 +100,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embeddings = ViTPatchEmbeddings(cfg)
 
     def interpolated_position_embeddings(self, height: int, width: int) -> torch.Tensor:
-        """[1, 1 + h*w, D]: the learned grid resized to the input's patch grid (§3.3).
+        """[1, 1 + h*w, D]: the learned grid resized to the input's patch grid.
 
         As in transformers 4.35 (the version the original pins): bicubic, align_corners=False, and a *scale
         factor* of (n + 0.1) / grid rather than an explicit size, so source coordinates are (i + 0.5) / s - 0.5.
@@ -184,7 +192,7 @@ class ViTEncoder(nn.Module):
 
 
 class ViTPooler(nn.Module):
-    """Unused at inference, but its weights are in the checkpoint (§2), so it must exist for strict loading."""
+    """Unused at inference, but its weights are in the checkpoint, so it must exist for strict loading."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -221,7 +229,7 @@ class DINOSingleImageTokenizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triplane tokens and the backbone (§3.3)
+# Triplane tokens and the backbone (upstream tsr/models/tokenizers/triplane.py, tsr/models/transformer/)
 # ---------------------------------------------------------------------------------------------------------
 class Triplane1DTokenizer(nn.Module):
     def __init__(self, plane_size: int, num_channels: int) -> None:
@@ -334,7 +342,7 @@ class TriplaneUpsampleNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoder (§3.4)
+# Decoder (upstream tsr/models/network_utils.py NeRFMLP; sampling as tsr/models/nerf_renderer.py)
 # ---------------------------------------------------------------------------------------------------------
 class NeRFMLP(nn.Module):
     """Linear in->n, SiLU, (hidden-1) x (Linear n->n, SiLU), Linear n->4. Odd indices are activations."""
@@ -380,7 +388,7 @@ class TripoSR(nn.Module):
         if cfg.feature_reduction != "concat" or cfg.density_activation != "exp":
             raise ValueError("only renderer.feature_reduction 'concat' and density_activation 'exp' are supported")
         self.cfg = cfg
-        # Creation order as in the original (§2): image_tokenizer, tokenizer, backbone, post_processor, decoder.
+        # Creation order as in upstream tsr/system.py: image_tokenizer, tokenizer, backbone, post_processor, decoder.
         self.image_tokenizer = DINOSingleImageTokenizer(cfg.vit)
         self.tokenizer = Triplane1DTokenizer(cfg.plane_size, cfg.triplane_channels)
         self.backbone = Transformer1D(cfg)
@@ -395,7 +403,7 @@ class TripoSR(nn.Module):
 
     # -- image -> scene codes -----------------------------------------------------------------------------
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images (any size) -> rgb_cond [B, S, S, 3] in [0, 1] (§3.1 step 4: bilinear, antialias)."""
+        """PIL images (any size) -> rgb_cond [B, S, S, 3] in [0, 1] (upstream tsr/utils.py: bilinear, antialias)."""
         size = self.cfg.cond_image_size
         out = []
         for image in images:
@@ -406,7 +414,7 @@ class TripoSR(nn.Module):
         return torch.stack(out)
 
     def encode(self, rgb_cond: torch.Tensor) -> dict[str, torch.Tensor]:
-        """rgb_cond [B, S, S, 3] -> every stage of §3.3, for debugging against the fixtures' intermediates."""
+        """rgb_cond [B, S, S, 3] -> every stage of the encoder, for debugging against the fixtures' intermediates."""
         image_tokens = self.image_tokenizer(rgb_cond)
         tokens = self.tokenizer(rgb_cond.shape[0])
         backbone_out = self.backbone(tokens, image_tokens)
