@@ -1,12 +1,18 @@
-"""Density grid -> mesh -> GLB: marching cubes in vectorised PyTorch (CPU and CUDA alike) and the delivery export.
+"""Density grid -> mesh -> GLB: marching cubes (scikit-image on a CPU, ours in vectorised PyTorch elsewhere) and the
+delivery export.
 
-Marching cubes here: one vertex per grid edge whose two ends lie on different sides of the level (linear
+Our marching cubes: one vertex per grid edge whose two ends lie on different sides of the level (linear
 interpolation), shared by the cells around that edge; triangles from a case table that this module *generates*
 (no table copied from elsewhere): for each of the 256 sign patterns of a cell, the crossed edges on each cube
 face are joined into segments, the segments into closed polygons, each polygon is oriented so its normal points
 toward lower values (outward, for a density field) and fanned into triangles. On a face with four crossings the
 corners above the level are always cut off separately; neighbouring cells share that face and make the same
-choice, so the surface has no cracks.
+choice, so the surface has no cracks. It runs on the field's device, so a GPU's grid never leaves the GPU.
+
+On a CPU, scikit-image's marching cubes with the classic (Lorensen) table gives the same vertices and the same
+polygon in every cell (tests/test_triposr_mesh.py, and the original's mesh in tests/test_triposr_fidelity.py), in
+compiled code: 0.8 s where ours takes 2.6 s on a 256^3 field with 1.2M vertices (2 cores). Only the diagonals that
+split a polygon into triangles, and the order of vertices and faces, may differ between the two.
 """
 
 from __future__ import annotations
@@ -116,10 +122,32 @@ def case_table() -> tuple[np.ndarray, np.ndarray]:
 
 
 def marching_cubes(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Iso-surface of a [R0, R1, R2] field at `level` -> (vertices [V, 3] in grid-index units, faces [F, 3]).
+    """Iso-surface of a [R0, R1, R2] field at `level` -> (vertices [V, 3] in grid-index units, faces [F, 3] int64),
+    on the field's device, vertices in its dtype.
 
-    Faces are wound so that (v1 - v0) x (v2 - v0) points toward lower field values. Runs on the field's device.
+    Faces are wound so that (v1 - v0) x (v2 - v0) points toward lower field values; a field that does not cross the
+    level gives no vertices and no faces. By device: scikit-image on a CPU, ours (marching_cubes_torch) elsewhere.
     """
+    if field.device.type == "cpu":
+        return marching_cubes_skimage(field, level)
+    return marching_cubes_torch(field, level)
+
+
+def marching_cubes_skimage(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """marching_cubes on a CPU: scikit-image's classic (Lorensen) table, which computes in float32."""
+    from skimage.measure import marching_cubes as skimage_marching_cubes  # here: importing skimage takes ~0.5 s
+
+    values = field.detach().to(torch.float32).contiguous().numpy()
+    above = values > level
+    if not above.any() or above.all():  # scikit-image raises where nothing crosses the level
+        return torch.empty(0, 3, dtype=field.dtype), torch.empty(0, 3, dtype=torch.int64)
+    # "ascent": its winding for fields that grow inward, which is ours (normals toward lower values).
+    verts, faces, _, _ = skimage_marching_cubes(values, level, method="lorensen", gradient_direction="ascent")
+    return torch.from_numpy(np.ascontiguousarray(verts)).to(field.dtype), torch.from_numpy(faces.astype(np.int64))
+
+
+def marching_cubes_torch(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """marching_cubes in vectorised PyTorch, on the field's device (the GPU path; see the module's docstring)."""
     dev = field.device
     s = field - level
     above = s > 0
@@ -190,7 +218,7 @@ def extract_meshes(
     grids = model.density_grid(scene_codes, resolution)
     meshes = []
     for b in range(scene_codes.shape[0]):
-        verts, faces = marching_cubes(grids[b] - threshold)
+        verts, faces = marching_cubes(grids[b], threshold)
         verts = grid_to_model(verts, resolution, model.cfg.radius)
         _, rgb = model.query(scene_codes[b : b + 1], verts[None])
         meshes.append(mesh_from_arrays(verts, faces, rgb[0]))
