@@ -84,6 +84,24 @@ def test_density_grid_matches_the_original_and_query(model: TripoSR) -> None:
     torch.testing.assert_close(model.density_grid(codes[1:], 32), grid[1:], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("chunk_size", [1, 100, 32 * 32 * 3, 2**21])
+def test_the_cpu_grid_is_the_same_in_any_chunking(model: TripoSR, chunk_size: int, threads: int) -> None:
+    """cpu.density walks the grid in chunks of whole rows (part of an x-slice) or of whole x-slices; 100 points
+    leave a partial last chunk in every slice, 3 slices a partial last block of slices. With several threads each
+    takes every T-th chunk; the thread setting is put back afterwards."""
+    codes = expected_codes()
+    want = model.density_grid(codes, 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = model.density_grid(codes, 32, chunk_size=chunk_size)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def canon(faces: np.ndarray) -> set[tuple[int, ...]]:
     """Faces up to rotation of their vertex order (the winding is kept)."""
     return {tuple(np.roll(f, -int(np.argmin(f)))) for f in faces}

@@ -214,11 +214,16 @@ def grid_to_model(vertices: torch.Tensor, resolution: int, radius: float) -> tor
 def extract_meshes(
     model: TripoSR, scene_codes: torch.Tensor, resolution: int = 256, threshold: float = 25.0
 ) -> list[trimesh.Trimesh]:
-    """Density grid of all scenes at once, marching cubes per scene, colours queried at the vertices."""
-    grids = model.density_grid(scene_codes, resolution)
+    """Density grid of all scenes at once (on a CPU, scene by scene), marching cubes per scene, colours queried at
+    the vertices.
+
+    A GPU gains from one grid for all scenes; a CPU does not (cpu.density decodes chunk by chunk either way), and a
+    grid holds R^3 floats (64 MiB at R = 256): one at a time, a batch costs a CPU no more memory than one scene."""
+    grids = None if scene_codes.device.type == "cpu" else model.density_grid(scene_codes, resolution)
     meshes = []
     for b in range(scene_codes.shape[0]):
-        verts, faces = marching_cubes(grids[b], threshold)
+        grid = model.density_grid(scene_codes[b : b + 1], resolution)[0] if grids is None else grids[b]
+        verts, faces = marching_cubes(grid, threshold)
         verts = grid_to_model(verts, resolution, model.cfg.radius)
         _, rgb = model.query(scene_codes[b : b + 1], verts[None])
         meshes.append(mesh_from_arrays(verts, faces, rgb[0]))

@@ -435,14 +435,18 @@ class TripoSR(nn.Module):
     # -- scene codes -> density, colour ---------------------------------------------------------------------
     @torch.no_grad()
     def query(
-        self, scene_codes: torch.Tensor, points: torch.Tensor, chunk_size: int = 2**21
+        self, scene_codes: torch.Tensor, points: torch.Tensor, chunk_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """points [B, N, 3] (model units, within +-radius) -> density [B, N], rgb [B, N, 3].
 
-        chunk_size bounds the points decoded at once over the whole batch (so memory stays bounded);
-        0 means everything at once.
+        chunk_size bounds the points decoded at once over the whole batch (so memory stays bounded); 0 means
+        everything at once; None the device's own: 2^21 on a GPU; 2^16 on a CPU, so that a chunk's temporaries stay
+        below 32 MiB (the [points, 120] features), the size from which glibc's malloc maps every block afresh from
+        the kernel (with 2^21 points each layer's output was 512 MiB of fresh pages).
         """
         b, n, _ = points.shape
+        if chunk_size is None:
+            chunk_size = 2**16 if scene_codes.device.type == "cpu" else 2**21
         step = n if chunk_size <= 0 else max(1, chunk_size // b)
         # Under bf16 autocast the decoder answers in bf16; exp and sigmoid run in float32 all the same, since the
         # iso-level test and the vertex interpolation read the density to more than bf16's 3 digits.
@@ -460,14 +464,16 @@ class TripoSR(nn.Module):
         return density, rgb
 
     @torch.no_grad()
-    def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int = 2**21) -> torch.Tensor:
+    def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int | None = None) -> torch.Tensor:
         """Density on the mesh-extraction grid (mesh.grid_points) for all scenes at once: [B, R, R, R], [ix, iy, iz].
 
         What query() computes at those R^3 points, factorised: on the grid, each plane is sampled at only R x R
         places and the decoder's first layer is linear in the three planes' features, so that layer is applied to
         the sampled planes once and its three parts are summed per point. That skips sampling 3C features at
         R^3 points and the first layer's per-point products (a fifth of the official decoder's); the numbers differ
-        from query()'s by float rounding only. In bf16 on a GPU the remaining layers run as one kernel (fused.py).
+        from query()'s by float rounding only. The remaining layers run, by device: on a CPU in cache-sized chunks
+        through two reused buffers (cpu.py); in bf16 on a GPU as one kernel (fused.py); else in chunks of 2^21
+        points. chunk_size: points decoded at once; None for the device's own (cpu.CHUNK_POINTS on a CPU).
         """
         b, _, c, h, w = scene_codes.shape
         r, dev = resolution, scene_codes.device
@@ -488,8 +494,12 @@ class TripoSR(nn.Module):
 
         if compute == torch.bfloat16 and fused.usable(self.decoder, dev):
             return fused.density(xy, xz, yz, self.decoder, self.cfg.density_bias)  # the same MLP in one kernel
+        if dev.type == "cpu" and dtype == torch.float32:
+            from runners.triposr import cpu
+
+            return cpu.density(xy, xz, yz, rest, self.cfg.density_bias, compute, chunk_size or cpu.CHUNK_POINTS)
         density = torch.empty(b, r, r, r, dtype=dtype, device=dev)
-        step = max(1, chunk_size // (b * r * r))  # x-slices per chunk
+        step = max(1, (chunk_size or 2**21) // (b * r * r))  # x-slices per chunk
         for i in range(0, r, step):
             pre = xy[:, i : i + step, :, None] + xz[:, i : i + step, None] + yz[:, None]  # [B, s, R, R, n]
             raw = rest(pre.to(compute))[..., 0].to(dtype)
