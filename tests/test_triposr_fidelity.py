@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from pathlib import Path
 
@@ -55,6 +56,21 @@ def test_intermediates(model: TripoSR, images: list[Image.Image]) -> None:
         stages = model.encode(rgb)
     for name in ("image_tokens", "backbone_out", "triplanes"):
         assert max_abs(stages[name], ref[name]) < 5e-5, name
+
+
+def test_the_cpu_forward_in_blocks_is_the_same(model: TripoSR, images: list[Image.Image],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the forward pass runs GEGLU in blocks of rows, the ViT's attention a few heads at a time and the
+    pictures one by one, to keep its temporaries small: tiny blocks (one head, 4 rows) give the same codes."""
+    from runners.triposr import cpu
+    from runners.triposr import model as network
+
+    whole = model(images)
+    monkeypatch.setattr(network, "CPU_BLOCK_BYTES", 4096)
+    blocked = model(images)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-5)  # rows of 4 take other BLAS kernels: rounding
+    assert max_abs(blocked, expected("scene_codes_b2.npy")) < 1e-4
+    assert cpu.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 def expected_codes() -> torch.Tensor:

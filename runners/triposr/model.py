@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# On a CPU the forward pass keeps every temporary below this: glibc's malloc maps a block of 32 MiB or more afresh from
+# the kernel at each allocation and unmaps it when freed (the 100 MiB GEGLU projection, the 50 MiB ViT attention
+# scores: about 1.2 million page faults per pass), smaller ones it reuses from its heap (cpu.keep_freed_memory).
+# 24 MiB: GEGLU's blocks of 768 rows, which MKL multiplies bit for bit like the whole matrix at 1 and 2 threads.
+CPU_BLOCK_BYTES = 24 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -139,10 +144,21 @@ class ViTSelfAttention(nn.Module):
         b, n, d = x.shape
         split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        # transformers 4.35's ViT computes attention explicitly (matmul, softmax), not fused.
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        out = torch.matmul(scores.softmax(dim=-1), v)
-        return out.transpose(1, 2).reshape(b, n, d)
+        if x.device.type != "cpu":
+            return self.attend(q, k, v).transpose(1, 2).reshape(b, n, d)
+        # On a CPU a few heads at a time, so the [heads, n, n] scores stay below CPU_BLOCK_BYTES (the same numbers:
+        # each head's products are its own).
+        q, k, v = (t.reshape(b * self.heads, n, -1) for t in (q, k, v))
+        step = max(1, CPU_BLOCK_BYTES // (n * n * x.element_size()))
+        parts = [self.attend(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, len(q), step)]
+        out = torch.cat(parts)
+        return out.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[..., n, dh] each -> [..., n, dh]. As transformers 4.35's ViT: explicit matmul and softmax, not fused."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return torch.matmul(scores.softmax(dim=-1), v)
 
 
 class ViTSelfOutput(nn.Module):
@@ -287,7 +303,14 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        if x.device.type != "cpu":
+            return self.net[2](self.net[0](x))
+        # On a CPU in blocks of rows, so GEGLU's [rows, 8 dim] projection stays below CPU_BLOCK_BYTES (each row's
+        # numbers are its own: only the blocking of the products changes).
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, CPU_BLOCK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+        out = torch.cat([self.net[2](self.net[0](flat[i : i + rows])) for i in range(0, len(flat), rows)])
+        return out.view(*x.shape[:-1], -1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -430,7 +453,14 @@ class TripoSR(nn.Module):
     @torch.no_grad()
     def forward(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images (object on 0.5 gray) -> scene codes [B, 3, C, 2P, 2P] (official: [B, 3, 40, 64, 64])."""
-        return self.encode(self.preprocess(images))["scene_codes"]
+        if self.device.type != "cpu":
+            return self.encode(self.preprocess(images))["scene_codes"]
+        from runners.triposr import cpu
+
+        cpu.keep_freed_memory()
+        # On a CPU one picture at a time: its products (3072 rows in the backbone) already keep a few cores busy, so a
+        # batch would gain little there, and the pass's memory stays that of one picture, whatever the batch.
+        return torch.cat([self.encode(self.preprocess([image]))["scene_codes"] for image in images])
 
     # -- scene codes -> density, colour ---------------------------------------------------------------------
     @torch.no_grad()
