@@ -17,10 +17,10 @@ import trimesh
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.inference import reconstruct_batch
 from runners.triposr.loading import random_model
-from runners.triposr.mesh import marching_cubes
+from runners.triposr.mesh import marching_cubes, marching_cubes_torch
 from runners.triposr.precision import number_format
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
@@ -30,20 +30,20 @@ GPU = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def models() -> tuple[TripoSR, TripoSR]:
-    return TripoSR.from_pretrained(DATA, device="cpu"), TripoSR.from_pretrained(DATA, device="cuda")
+    return load_model(DATA, device="cpu"), load_model(DATA, device="cuda")
 
 
 def codes() -> torch.Tensor:
     return torch.from_numpy(np.load(DATA / "scene_codes_b2.npy"))
 
 
-def test_marching_cubes_on_cuda_is_the_cpu_mesh() -> None:
+def test_marching_cubes_on_cuda_is_the_torch_mesh_on_the_cpu() -> None:
     ref = np.load(DATA / "mesh32.npz")
     field = torch.from_numpy(np.load(DATA / "density_grid32.npy") - np.float32(ref["threshold"]))
     gen = torch.Generator().manual_seed(0)
     noisy = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 100, 100, 100, generator=gen), 5, 1)[0, 0]
     for f in (field, noisy):
-        v_cpu, f_cpu = marching_cubes(f)
+        v_cpu, f_cpu = marching_cubes_torch(f)  # the same algorithm; the CPU's default is scikit-image's
         v_gpu, f_gpu = marching_cubes(f.cuda())
         assert v_gpu.is_cuda and f_gpu.is_cuda
         assert torch.allclose(v_gpu.cpu(), v_cpu, atol=1e-5)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 from collections import Counter
 from pathlib import Path
 
@@ -11,9 +12,9 @@ import torch
 from PIL import Image
 from scipy.spatial import cKDTree
 
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.loading import config_for, random_state_dict, read_checkpoint
-from runners.triposr.mesh import grid_points
+from runners.triposr.mesh import extract_meshes, grid_points
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 
@@ -21,7 +22,7 @@ DATA = Path(__file__).parent / "data" / "triposr-tiny"
 @pytest.fixture(scope="module")
 def model() -> TripoSR:
     torch.set_num_threads(1)
-    return TripoSR.from_pretrained(DATA)
+    return load_model(DATA)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,21 @@ def test_intermediates(model: TripoSR, images: list[Image.Image]) -> None:
         assert max_abs(stages[name], ref[name]) < 5e-5, name
 
 
+def test_the_cpu_forward_in_blocks_is_the_same(model: TripoSR, images: list[Image.Image],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU the forward pass runs GEGLU in blocks of rows, the ViT's attention a few heads at a time and the
+    pictures one by one, to keep its temporaries small: tiny blocks (one head, 4 rows) give the same codes."""
+    from runners.triposr import cpu
+    from runners.triposr import model as network
+
+    whole = model(images)
+    monkeypatch.setattr(network, "CPU_BLOCK_BYTES", 4096)
+    blocked = model(images)
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-5)  # rows of 4 take other BLAS kernels: rounding
+    assert max_abs(blocked, expected("scene_codes_b2.npy")) < 1e-4
+    assert cpu.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
+
+
 def expected_codes() -> torch.Tensor:
     """Row 0 from scene_codes_b1[0] (img_a), row 1 from scene_codes_b2[1] (img_b), as the query fixtures."""
     return torch.stack([torch.from_numpy(expected("scene_codes_b1.npy"))[0],
@@ -84,6 +100,24 @@ def test_density_grid_matches_the_original_and_query(model: TripoSR) -> None:
     torch.testing.assert_close(model.density_grid(codes[1:], 32), grid[1:], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("chunk_size", [1, 100, 32 * 32 * 3, 2**21])
+def test_the_cpu_grid_is_the_same_in_any_chunking(model: TripoSR, chunk_size: int, threads: int) -> None:
+    """cpu.density walks the grid in chunks of whole rows (part of an x-slice) or of whole x-slices; 100 points
+    leave a partial last chunk in every slice, 3 slices a partial last block of slices. With several threads each
+    takes every T-th chunk; the thread setting is put back afterwards."""
+    codes = expected_codes()
+    want = model.density_grid(codes, 32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = model.density_grid(codes, 32, chunk_size=chunk_size)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def canon(faces: np.ndarray) -> set[tuple[int, ...]]:
     """Faces up to rotation of their vertex order (the winding is kept)."""
     return {tuple(np.roll(f, -int(np.argmin(f)))) for f in faces}
@@ -99,7 +133,7 @@ def polygon_edges(grid_vertices: np.ndarray, faces: np.ndarray) -> set[tuple]:
 def test_mesh_matches_original(model: TripoSR) -> None:
     ref = np.load(DATA / "mesh32.npz")
     codes = torch.from_numpy(expected("scene_codes_b1.npy"))
-    mesh = model.extract_mesh(codes, resolution=32, threshold=float(ref["threshold"]))[0]
+    mesh = extract_meshes(model, codes, resolution=32, threshold=float(ref["threshold"]))[0]
     verts, faces = np.asarray(mesh.vertices), np.asarray(mesh.faces)
     dist, idx = cKDTree(ref["vertices"]).query(verts)
     assert len(verts) == len(ref["vertices"]) and dist.max() < 1e-4
@@ -120,7 +154,7 @@ def test_mesh_matches_original(model: TripoSR) -> None:
 
 
 def test_one_changed_weight_is_caught(images: list[Image.Image]) -> None:
-    model = TripoSR.from_pretrained(DATA)
+    model = load_model(DATA)
     with torch.no_grad():
         model.backbone.proj_out.weight.view(-1)[0] += 0.001  # the smallest change in the fixture's sensitivity table
     assert max_abs(model(images[:1]), expected("scene_codes_b1.npy")) > 1e-4

@@ -16,7 +16,7 @@ import pytest
 import torch
 from scipy.spatial import cKDTree
 
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.mesh import marching_cubes
 from runners.triposr.precision import number_format
 
@@ -38,7 +38,7 @@ def fused(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture(scope="module")
 def model() -> TripoSR:
-    return TripoSR.from_pretrained(DATA)
+    return load_model(DATA)
 
 
 def codes() -> torch.Tensor:

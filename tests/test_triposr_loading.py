@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runners.triposr import ModelLoadError, TripoSR, model_version, write_random_checkpoint
+from runners.triposr import ModelLoadError, TripoSR, load_model, model_version, write_random_checkpoint
 from runners.triposr.loading import config_for, read_config
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
@@ -96,7 +96,7 @@ def official_shapes() -> dict[str, tuple[int, ...]]:
 
 
 def test_fixture_keys_match_keys_json() -> None:
-    model = TripoSR.from_pretrained(DATA)
+    model = load_model(DATA)
     keys = json.loads((DATA / "keys.json").read_text())
     assert {k: list(v.shape) for k, v in model.state_dict().items()} == keys
     assert model.device == torch.device("cpu")
@@ -109,7 +109,7 @@ def test_missing_and_unexpected_keys_are_named(folder: Path) -> None:
 
     resave(folder, edit)
     with pytest.raises(ModelLoadError) as err:
-        TripoSR.from_pretrained(folder)
+        load_model(folder)
     msg = str(err.value)
     assert "model.ckpt" in msg and "decoder.layers.2.bias" in msg and "decoder.extra.weight" in msg
 
@@ -117,20 +117,20 @@ def test_missing_and_unexpected_keys_are_named(folder: Path) -> None:
 def test_wrong_shape_is_named(folder: Path) -> None:
     resave(folder, lambda s: s.__setitem__("tokenizer.embeddings", torch.zeros(3, 64, 5, 5)))
     with pytest.raises(ModelLoadError, match=r"tokenizer\.embeddings \(3, 64, 5, 5\)"):
-        TripoSR.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_truncated_checkpoint_is_a_clear_error(folder: Path) -> None:
     data = (folder / "model.ckpt").read_bytes()
     (folder / "model.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match=r"model\.ckpt: cannot be read as a PyTorch checkpoint"):
-        TripoSR.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_garbage_checkpoint_is_a_clear_error(folder: Path) -> None:
     (folder / "model.ckpt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(ModelLoadError, match="corrupt or truncated"):
-        TripoSR.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_config_without_required_keys(folder: Path) -> None:
@@ -154,12 +154,12 @@ def test_config_reference_and_unknown_class(folder: Path) -> None:
 def test_missing_vit_folder(folder: Path) -> None:
     shutil.rmtree(folder / "vit")
     with pytest.raises(ModelLoadError, match="'vit' is neither"):
-        TripoSR.from_pretrained(folder)
+        load_model(folder)
 
 
 def test_unknown_source() -> None:
     with pytest.raises(ModelLoadError, match="not a folder, a BentoML tag"):
-        TripoSR.from_pretrained("./no/such/folder")
+        load_model("./no/such/folder")
 
 
 def test_folder_version(folder: Path) -> None:
@@ -171,7 +171,7 @@ def test_write_random_checkpoint_loads_and_is_seeded(tmp_path: Path) -> None:
     a = write_random_checkpoint(tmp_path / "a", config="tiny", seed=3)
     b = write_random_checkpoint(tmp_path / "b", config="tiny", seed=3)
     c = write_random_checkpoint(tmp_path / "c", config="tiny", seed=4)
-    ma, mb, mc = (TripoSR.from_pretrained(p) for p in (a, b, c))
+    ma, mb, mc = (load_model(p) for p in (a, b, c))
     sa, sb, sc = ma.state_dict(), mb.state_dict(), mc.state_dict()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["decoder.layers.0.weight"], sc["decoder.layers.0.weight"])
@@ -198,12 +198,12 @@ def test_hugging_face_cache_offline(tmp_path: Path) -> None:
         (snap / rel).symlink_to(os.path.relpath(blob, (snap / rel).parent))
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(sha)
-    code = ("from runners.triposr import TripoSR, model_version\n"
-            "m = TripoSR.from_pretrained('acme/tiny-triposr')\n"
+    code = ("from runners.triposr import load_model, model_version\n"
+            "m = load_model('acme/tiny-triposr')\n"
             "print(model_version('acme/tiny-triposr'), m.cfg.cond_image_size)")
     out = run_py(code, {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)})
     assert out.splitlines()[-1] == f"hf:acme/tiny-triposr@{sha[:12]} 64"
-    missing = run_py("from runners.triposr import TripoSR\ntry:\n TripoSR.from_pretrained('acme/absent')\n"
+    missing = run_py("from runners.triposr import load_model\ntry:\n load_model('acme/absent')\n"
                      "except Exception as e: print(type(e).__name__)",
                      {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)})
     assert missing == "ModelLoadError"
@@ -212,7 +212,7 @@ def test_hugging_face_cache_offline(tmp_path: Path) -> None:
 def test_bentoml_model_store(tmp_path: Path) -> None:
     code = f"""
 import shutil, bentoml
-from runners.triposr import TripoSR, model_version
+from runners.triposr import load_model, model_version
 with bentoml.models.create("triposr") as m:
     for name in ("config.yaml", "model.ckpt"):
         shutil.copy("{DATA}/" + name, m.path_of(name))
@@ -220,7 +220,7 @@ with bentoml.models.create("triposr") as m:
 tag = str(m.tag)
 assert model_version("triposr:latest") == tag, (model_version("triposr:latest"), tag)
 assert model_version(tag) == tag
-print(tag, TripoSR.from_pretrained("triposr:latest").cfg.plane_size)
+print(tag, load_model("triposr:latest").cfg.plane_size)
 """
     out = run_py(code, {"BENTOML_HOME": str(tmp_path / "bentoml"), "BENTOML_DO_NOT_TRACK": "true"})
     tag, plane = out.splitlines()[-1].split()

@@ -1,4 +1,5 @@
-"""Our torch marching cubes against scikit-image, its topology and winding; the GLB delivery frame; the CLI."""
+"""Marching cubes, both of them (ours in torch, for GPUs; scikit-image's on a CPU): the same vertices and polygons,
+topology and winding; the GLB delivery frame; the CLI."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from skimage import measure
 
-from runners.triposr.mesh import case_table, marching_cubes, to_delivery_glb
+from runners.triposr.mesh import (case_table, marching_cubes, marching_cubes_skimage, marching_cubes_torch,
+                                  to_delivery_glb)
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 ROOT = Path(__file__).parent.parent
@@ -26,9 +28,12 @@ def fixture_field() -> np.ndarray:
     return np.load(DATA / "density_grid32.npy") - np.float32(ref["threshold"])
 
 
+IMPLEMENTATIONS = pytest.mark.parametrize("mc", [marching_cubes_torch, marching_cubes_skimage], ids=["torch", "skimage"])
+
+
 def test_same_vertices_as_skimage_lorensen() -> None:
     field = fixture_field()
-    verts, faces = marching_cubes(torch.from_numpy(field))
+    verts, faces = marching_cubes_torch(torch.from_numpy(field))
     sk_verts, sk_faces, _, _ = measure.marching_cubes(field, 0.0, method="lorensen")
     assert len(verts) == len(sk_verts) and len(faces) == len(sk_faces)
     dist, idx = cKDTree(sk_verts).query(verts.numpy())
@@ -49,9 +54,10 @@ def edge_direction(verts: np.ndarray, field: np.ndarray) -> np.ndarray:
     return out
 
 
-def test_winding_points_toward_lower_values() -> None:
+@IMPLEMENTATIONS
+def test_winding_points_toward_lower_values(mc) -> None:
     field = fixture_field()
-    verts, faces = (t.numpy() for t in marching_cubes(torch.from_numpy(field)))
+    verts, faces = (t.numpy() for t in mc(torch.from_numpy(field)))
     tri = verts[faces]
     normal = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
     up = edge_direction(verts, field)[faces]  # [F, 3, 3]
@@ -59,9 +65,10 @@ def test_winding_points_toward_lower_values() -> None:
     assert (votes >= 2).all()
 
 
-def test_surface_is_closed_away_from_the_grid_boundary() -> None:
+@IMPLEMENTATIONS
+def test_surface_is_closed_away_from_the_grid_boundary(mc) -> None:
     field = fixture_field()
-    verts, faces = (t.numpy() for t in marching_cubes(torch.from_numpy(field)))
+    verts, faces = (t.numpy() for t in mc(torch.from_numpy(field)))
     edges = Counter(tuple(sorted((int(f[k]), int(f[(k + 1) % 3])))) for f in faces for k in range(3))
     r = field.shape[0] - 1
     for (a, b), n in edges.items():
@@ -69,17 +76,57 @@ def test_surface_is_closed_away_from_the_grid_boundary() -> None:
         assert n == 2 or on_border, (a, b, n)
 
 
-def test_sphere_on_a_coarse_grid() -> None:
+@IMPLEMENTATIONS
+def test_sphere_on_a_coarse_grid(mc) -> None:
     # A field with a known surface: the sphere |p| = 0.6 (field = 0.6 - |p|: positive inside).
     g = torch.linspace(-1, 1, 24, dtype=torch.float64)
     x, y, z = torch.meshgrid(g, g, g, indexing="ij")
     field = 0.6 - torch.sqrt(x**2 + y**2 + z**2)
-    verts, faces = marching_cubes(field)
+    verts, faces = mc(field)
+    assert verts.dtype == field.dtype and faces.dtype == torch.int64
     pts = verts / 23 * 2 - 1
     assert torch.allclose(pts.norm(dim=1), torch.full((len(pts),), 0.6, dtype=torch.float64), atol=0.01)
     mesh = trimesh.Trimesh(pts.numpy(), faces.numpy(), process=False)
     assert mesh.is_watertight and mesh.volume > 0  # closed, wound outward
     assert abs(mesh.volume - 4 / 3 * np.pi * 0.6**3) < 0.02
+
+
+def polygon_outlines(grid_vertices: np.ndarray, faces: np.ndarray) -> set[tuple]:
+    """Directed triangle edges not shared inside their cell: each cell's polygon outlines, with direction."""
+    cells = np.floor(grid_vertices[faces].mean(axis=1)).astype(int)
+    count = Counter((tuple(c), int(f[k]), int(f[(k + 1) % 3])) for c, f in zip(cells, faces) for k in range(3))
+    return {e for e in count if (e[0], e[2], e[1]) not in count}
+
+
+def test_the_cpu_and_gpu_implementations_give_the_same_mesh() -> None:
+    """On a noisy field (thousands of cells, ambiguous faces among them): the same vertices one to one and the same
+    polygon, with the same winding, in every cell; only the triangulation of a polygon may differ."""
+    gen = torch.Generator().manual_seed(3)
+    field = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 44, 44, 44, generator=gen), 5, 1)[0, 0]
+    vt, ft = (t.numpy() for t in marching_cubes_torch(field))
+    vs, fs = (t.numpy() for t in marching_cubes_skimage(field))
+    assert len(vt) > 5000 and len(vs) == len(vt) and len(fs) == len(ft)
+    dist, idx = cKDTree(vt).query(vs)
+    assert dist.max() < 1e-4 and len(set(idx.tolist())) == len(vs)
+    assert polygon_outlines(vt, idx[fs]) == polygon_outlines(vt, ft)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_marching_cubes_dispatches_by_device(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runners.triposr import mesh
+
+    calls = []
+    monkeypatch.setattr(mesh, "marching_cubes_skimage", lambda f, level: calls.append("skimage"))
+    monkeypatch.setattr(mesh, "marching_cubes_torch", lambda f, level: calls.append("torch"))
+    mesh.marching_cubes(torch.zeros(4, 4, 4, device=device), 0.5)
+    assert calls == ["skimage" if device == "cpu" else "torch"]
+
+
+@IMPLEMENTATIONS
+@pytest.mark.parametrize("value", [-1.0, 1.0])
+def test_a_field_that_does_not_cross_the_level_has_no_surface(mc, value: float) -> None:
+    verts, faces = mc(torch.full((5, 5, 5), value))
+    assert verts.shape == (0, 3) and faces.shape == (0, 3)
 
 
 def test_case_table_is_complete() -> None:

@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from scipy.spatial import cKDTree
 
 from pipeline.settings import Settings
-from runners.triposr import TripoSR
+from runners.triposr import TripoSR, load_model
 from runners.triposr.inference import reconstruct_encoded
-from runners.triposr.mesh import grid_points
+from runners.triposr.mesh import extract_meshes, grid_points
 from runners.triposr.precision import Precision, number_format, resolve
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
@@ -28,7 +28,7 @@ DATA = Path(__file__).parent / "data" / "triposr-tiny"
 
 @pytest.fixture(scope="module")
 def model() -> TripoSR:
-    return TripoSR.from_pretrained(DATA)
+    return load_model(DATA)
 
 
 def test_auto_is_fp32_on_the_cpu_and_mixed_on_a_gpu() -> None:
@@ -114,7 +114,7 @@ def test_the_mesh_moves_by_a_fraction_of_a_cell(model: TripoSR, mode: str) -> No
         with number_format(plan.network, model.device):
             codes = model([picture])
         with number_format(plan.grid, model.device):
-            meshes[precision] = model.extract_mesh(codes, resolution=32, threshold=threshold)[0]
+            meshes[precision] = extract_meshes(model, codes, resolution=32, threshold=threshold)[0]
     a, b = np.asarray(meshes["fp32"].vertices), np.asarray(meshes[mode].vertices)
     assert len(b) > 0.9 * len(a)
     chamfer = (cKDTree(b).query(a)[0].mean() + cKDTree(a).query(b)[0].mean()) / 2

@@ -10,10 +10,11 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from runners.triposr.loading import ModelLoadError, model_version, write_random_checkpoint
+    from runners.triposr.loading import ModelLoadError, load_model, model_version, write_random_checkpoint
     from runners.triposr.model import TripoSR, TripoSRConfig
 
-_WHERE = {"ModelLoadError": "loading", "model_version": "loading", "write_random_checkpoint": "loading",
+_WHERE = {"ModelLoadError": "loading", "load_model": "loading", "model_version": "loading",
+           "write_random_checkpoint": "loading",
           "TripoSR": "model", "TripoSRConfig": "model"}
 __all__ = sorted(_WHERE)
 

@@ -21,10 +21,10 @@ def _on_gray(image: Image.Image) -> Image.Image:
 
 def reconstruct(args: argparse.Namespace) -> int:
     from runners.triposr.inference import reconstruct_batch
-    from runners.triposr.model import TripoSR
+    from runners.triposr.loading import load_model
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = TripoSR.from_pretrained(args.model, device=device)
+    model = load_model(args.model, device=device)
     [glb] = reconstruct_batch(model, [_on_gray(Image.open(args.image))], resolution=args.resolution,
                               threshold=args.threshold, size_m=args.size, precision=args.precision)
     if not glb:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image as PILImage
 
 from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
-from runners.triposr.mesh import to_delivery_glb
+from runners.triposr.mesh import extract_meshes, to_delivery_glb
 from runners.triposr.precision import number_format, resolve as resolve_precision
 from runners.triposr.wire import Failure
 
@@ -59,7 +59,7 @@ def reconstruct_batch(model: TripoSR, pictures: list[Image.Image], *, resolution
     with number_format(plan.grid, model.device):
         for grid in sorted(set(resolutions)):
             group = [i for i, r in enumerate(resolutions) if r == grid]
-            for i, mesh in zip(group, model.extract_mesh(codes[group], resolution=grid, threshold=threshold)):
+            for i, mesh in zip(group, extract_meshes(model, codes[group], resolution=grid, threshold=threshold)):
                 meshes[i] = mesh
     return [to_delivery_glb(mesh, size_m) if len(mesh.faces) else Failure.no_surface for mesh in meshes]
 

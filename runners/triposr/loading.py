@@ -24,13 +24,13 @@ from runners.triposr.wire import is_store_tag
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.ckpt"
-DINO_VITB16 = "facebook/dino-vitb16"  # built in: ViTConfig() holds its values (facts §1.2)
+DINO_VITB16 = "facebook/dino-vitb16"  # built in: ViTConfig() holds its config.json's values
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _REF = re.compile(r"\$\{([\w.]+)\}")
 
-# The classes of the official config (§1.1): any other class cannot be built by this implementation.
+# The classes the official config.yaml names (upstream d26e331's tsr/ modules): any other class cannot be built by this implementation.
 _CLASSES = {
     "image_tokenizer_cls": "tsr.models.tokenizers.image.DINOSingleImageTokenizer",
     "tokenizer_cls": "tsr.models.tokenizers.triplane.Triplane1DTokenizer",

@@ -1,19 +1,25 @@
-"""TripoSR, the network, written from the facts file (shared/facts/triposr.md) top to bottom.
+"""TripoSR, the network, top to bottom: our own PyTorch code that computes what the original computes.
 
-image (PIL) -> preprocess (resize to cond_image_size, §3.1) -> DINO ViT image tokens (§3.3)
-learned triplane tokens -> Transformer1D backbone with cross-attention to the image tokens (§3.3)
--> upsampler (ConvTranspose2d) -> scene codes [B, 3, C, 2P, 2P]
-points -> triplane sampling -> NeRF MLP decoder -> density, colour (§3.4) -> mesh (§3.5, mesh.py)
+Upstream: github.com/VAST-AI-Research/TripoSR at commit d26e33181947bbbc4c6fc0f5734e1ec6c080956e (2024-05-14,
+MIT licence), with the checkpoint's config.yaml of huggingface.co/stabilityai/TripoSR and the ViT that
+transformers 4.35's `ViTModel` builds from facebook/dino-vitb16's config.json. Nothing is copied from those files;
+the upstream file each part follows is named where the part begins:
+
+image (PIL) -> preprocess (resize to cond_image_size; tsr/utils.py) -> DINO ViT image tokens
+(tsr/models/tokenizers/image.py) -> learned triplane tokens (tsr/models/tokenizers/triplane.py) -> Transformer1D
+backbone with cross-attention to the image tokens (tsr/models/transformer/) -> upsampler (ConvTranspose2d;
+tsr/models/network_utils.py) -> scene codes [B, 3, C, 2P, 2P]
+points -> triplane sampling (tsr/models/nerf_renderer.py) -> NeRF MLP decoder -> density, colour
 
 Parameter names follow the official checkpoint (transformers-4 ViT naming, diffusers-style backbone), so
-`model.ckpt` loads strictly. Loading lives in loading.py; marching cubes and GLB export in mesh.py.
+`model.ckpt` loads strictly. This module imports nothing of loading.py (config.yaml, model.ckpt) or mesh.py (marching
+cubes, colours, GLB export): they build on it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -22,19 +28,24 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    import trimesh
     from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# On a CPU the forward pass keeps every temporary below this: glibc's malloc maps a block of 32 MiB or more afresh from
+# the kernel at each allocation and unmaps it when freed (the 100 MiB GEGLU projection, the 50 MiB ViT attention
+# scores: about 1.2 million page faults per pass), smaller ones it reuses from its heap (cpu.keep_freed_memory).
+# 24 MiB: GEGLU's blocks of 768 rows, which MKL multiplies bit for bit like the whole matrix at 1 and 2 threads.
+CPU_BLOCK_BYTES = 24 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Configuration (§1). Defaults are the official values; loading.py fills these from config.yaml.
+# Configuration: stabilityai/TripoSR's config.yaml and the class defaults it leaves out. Defaults are the
+# official values; loading.py fills these from config.yaml.
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ViTConfig:
-    """The Hugging Face ViTConfig fields the image tokenizer uses (§1.2: facebook/dino-vitb16)."""
+    """The Hugging Face ViTConfig fields the image tokenizer uses (defaults: facebook/dino-vitb16's config.json)."""
 
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -73,7 +84,7 @@ class TripoSRConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Image tokenizer: DINO ViT-B/16 (transformers 4.x ViTModel layout, §1.2 and §2)
+# Image tokenizer: DINO ViT-B/16 (upstream tsr/models/tokenizers/image.py; transformers 4.x ViTModel layout)
 # ---------------------------------------------------------------------------------------------------------
 class ViTPatchEmbeddings(nn.Module):
     def __init__(self, cfg: ViTConfig) -> None:
@@ -94,7 +105,7 @@ class ViTEmbeddings(nn.Module):
         self.patch_embeddings = ViTPatchEmbeddings(cfg)
 
     def interpolated_position_embeddings(self, height: int, width: int) -> torch.Tensor:
-        """[1, 1 + h*w, D]: the learned grid resized to the input's patch grid (§3.3).
+        """[1, 1 + h*w, D]: the learned grid resized to the input's patch grid.
 
         As in transformers 4.35 (the version the original pins): bicubic, align_corners=False, and a *scale
         factor* of (n + 0.1) / grid rather than an explicit size, so source coordinates are (i + 0.5) / s - 0.5.
@@ -133,10 +144,21 @@ class ViTSelfAttention(nn.Module):
         b, n, d = x.shape
         split = lambda t: t.view(b, n, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        # transformers 4.35's ViT computes attention explicitly (matmul, softmax), not fused.
-        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(d // self.heads)
-        out = torch.matmul(scores.softmax(dim=-1), v)
-        return out.transpose(1, 2).reshape(b, n, d)
+        if x.device.type != "cpu":
+            return self.attend(q, k, v).transpose(1, 2).reshape(b, n, d)
+        # On a CPU a few heads at a time, so the [heads, n, n] scores stay below CPU_BLOCK_BYTES (the same numbers:
+        # each head's products are its own).
+        q, k, v = (t.reshape(b * self.heads, n, -1) for t in (q, k, v))
+        step = max(1, CPU_BLOCK_BYTES // (n * n * x.element_size()))
+        parts = [self.attend(q[i : i + step], k[i : i + step], v[i : i + step]) for i in range(0, len(q), step)]
+        out = torch.cat(parts)
+        return out.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, d)
+
+    @staticmethod
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """[..., n, dh] each -> [..., n, dh]. As transformers 4.35's ViT: explicit matmul and softmax, not fused."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        return torch.matmul(scores.softmax(dim=-1), v)
 
 
 class ViTSelfOutput(nn.Module):
@@ -186,7 +208,7 @@ class ViTEncoder(nn.Module):
 
 
 class ViTPooler(nn.Module):
-    """Unused at inference, but its weights are in the checkpoint (§2), so it must exist for strict loading."""
+    """Unused at inference, but its weights are in the checkpoint, so it must exist for strict loading."""
 
     def __init__(self, cfg: ViTConfig) -> None:
         super().__init__()
@@ -223,7 +245,7 @@ class DINOSingleImageTokenizer(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Triplane tokens and the backbone (§3.3)
+# Triplane tokens and the backbone (upstream tsr/models/tokenizers/triplane.py, tsr/models/transformer/)
 # ---------------------------------------------------------------------------------------------------------
 class Triplane1DTokenizer(nn.Module):
     def __init__(self, plane_size: int, num_channels: int) -> None:
@@ -281,7 +303,14 @@ class FeedForward(nn.Module):
         self.net = nn.ModuleList([GEGLU(dim, 4 * dim), nn.Dropout(0.0), nn.Linear(4 * dim, dim)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net[2](self.net[0](x))
+        if x.device.type != "cpu":
+            return self.net[2](self.net[0](x))
+        # On a CPU in blocks of rows, so GEGLU's [rows, 8 dim] projection stays below CPU_BLOCK_BYTES (each row's
+        # numbers are its own: only the blocking of the products changes).
+        flat = x.reshape(-1, x.shape[-1])
+        rows = max(1, CPU_BLOCK_BYTES // (self.net[0].proj.out_features * x.element_size()))
+        out = torch.cat([self.net[2](self.net[0](flat[i : i + rows])) for i in range(0, len(flat), rows)])
+        return out.view(*x.shape[:-1], -1)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -336,7 +365,7 @@ class TriplaneUpsampleNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Decoder (§3.4)
+# Decoder (upstream tsr/models/network_utils.py NeRFMLP; sampling as tsr/models/nerf_renderer.py)
 # ---------------------------------------------------------------------------------------------------------
 class NeRFMLP(nn.Module):
     """Linear in->n, SiLU, (hidden-1) x (Linear n->n, SiLU), Linear n->4. Odd indices are activations."""
@@ -382,7 +411,7 @@ class TripoSR(nn.Module):
         if cfg.feature_reduction != "concat" or cfg.density_activation != "exp":
             raise ValueError("only renderer.feature_reduction 'concat' and density_activation 'exp' are supported")
         self.cfg = cfg
-        # Creation order as in the original (§2): image_tokenizer, tokenizer, backbone, post_processor, decoder.
+        # Creation order as in upstream tsr/system.py: image_tokenizer, tokenizer, backbone, post_processor, decoder.
         self.image_tokenizer = DINOSingleImageTokenizer(cfg.vit)
         self.tokenizer = Triplane1DTokenizer(cfg.plane_size, cfg.triplane_channels)
         self.backbone = Transformer1D(cfg)
@@ -391,21 +420,13 @@ class TripoSR(nn.Module):
             cfg.decoder_in_channels, cfg.decoder_neurons, cfg.decoder_hidden_layers, cfg.decoder_activation
         )
 
-    # -- loading ------------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, source: str | Path, device: str | torch.device = "cpu") -> TripoSR:
-        """A folder (config.yaml + model.ckpt), a BentoML tag (name:version) or a Hugging Face repo id."""
-        from runners.triposr.loading import load_model
-
-        return load_model(source, device=device)
-
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
     # -- image -> scene codes -----------------------------------------------------------------------------
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """PIL images (any size) -> rgb_cond [B, S, S, 3] in [0, 1] (§3.1 step 4: bilinear, antialias)."""
+        """PIL images (any size) -> rgb_cond [B, S, S, 3] in [0, 1] (upstream tsr/utils.py: bilinear, antialias)."""
         size = self.cfg.cond_image_size
         out = []
         for image in images:
@@ -416,7 +437,7 @@ class TripoSR(nn.Module):
         return torch.stack(out)
 
     def encode(self, rgb_cond: torch.Tensor) -> dict[str, torch.Tensor]:
-        """rgb_cond [B, S, S, 3] -> every stage of §3.3, for debugging against the fixtures' intermediates."""
+        """rgb_cond [B, S, S, 3] -> every stage of the encoder, for debugging against the fixtures' intermediates."""
         image_tokens = self.image_tokenizer(rgb_cond)
         tokens = self.tokenizer(rgb_cond.shape[0])
         backbone_out = self.backbone(tokens, image_tokens)
@@ -432,19 +453,30 @@ class TripoSR(nn.Module):
     @torch.no_grad()
     def forward(self, images: list[Image.Image]) -> torch.Tensor:
         """RGB images (object on 0.5 gray) -> scene codes [B, 3, C, 2P, 2P] (official: [B, 3, 40, 64, 64])."""
-        return self.encode(self.preprocess(images))["scene_codes"]
+        if self.device.type != "cpu":
+            return self.encode(self.preprocess(images))["scene_codes"]
+        from runners.triposr import cpu
+
+        cpu.keep_freed_memory()
+        # On a CPU one picture at a time: its products (3072 rows in the backbone) already keep a few cores busy, so a
+        # batch would gain little there, and the pass's memory stays that of one picture, whatever the batch.
+        return torch.cat([self.encode(self.preprocess([image]))["scene_codes"] for image in images])
 
     # -- scene codes -> density, colour ---------------------------------------------------------------------
     @torch.no_grad()
     def query(
-        self, scene_codes: torch.Tensor, points: torch.Tensor, chunk_size: int = 2**21
+        self, scene_codes: torch.Tensor, points: torch.Tensor, chunk_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """points [B, N, 3] (model units, within +-radius) -> density [B, N], rgb [B, N, 3].
 
-        chunk_size bounds the points decoded at once over the whole batch (so memory stays bounded);
-        0 means everything at once.
+        chunk_size bounds the points decoded at once over the whole batch (so memory stays bounded); 0 means
+        everything at once; None the device's own: 2^21 on a GPU; 2^16 on a CPU, so that a chunk's temporaries stay
+        below 32 MiB (the [points, 120] features), the size from which glibc's malloc maps every block afresh from
+        the kernel (with 2^21 points each layer's output was 512 MiB of fresh pages).
         """
         b, n, _ = points.shape
+        if chunk_size is None:
+            chunk_size = 2**16 if scene_codes.device.type == "cpu" else 2**21
         step = n if chunk_size <= 0 else max(1, chunk_size // b)
         # Under bf16 autocast the decoder answers in bf16; exp and sigmoid run in float32 all the same, since the
         # iso-level test and the vertex interpolation read the density to more than bf16's 3 digits.
@@ -462,14 +494,16 @@ class TripoSR(nn.Module):
         return density, rgb
 
     @torch.no_grad()
-    def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int = 2**21) -> torch.Tensor:
+    def density_grid(self, scene_codes: torch.Tensor, resolution: int, chunk_size: int | None = None) -> torch.Tensor:
         """Density on the mesh-extraction grid (mesh.grid_points) for all scenes at once: [B, R, R, R], [ix, iy, iz].
 
         What query() computes at those R^3 points, factorised: on the grid, each plane is sampled at only R x R
         places and the decoder's first layer is linear in the three planes' features, so that layer is applied to
         the sampled planes once and its three parts are summed per point. That skips sampling 3C features at
         R^3 points and the first layer's per-point products (a fifth of the official decoder's); the numbers differ
-        from query()'s by float rounding only. In bf16 on a GPU the remaining layers run as one kernel (fused.py).
+        from query()'s by float rounding only. The remaining layers run, by device: on a CPU in cache-sized chunks
+        through two reused buffers (cpu.py); in bf16 on a GPU as one kernel (fused.py); else in chunks of 2^21
+        points. chunk_size: points decoded at once; None for the device's own (cpu.CHUNK_POINTS on a CPU).
         """
         b, _, c, h, w = scene_codes.shape
         r, dev = resolution, scene_codes.device
@@ -490,19 +524,14 @@ class TripoSR(nn.Module):
 
         if compute == torch.bfloat16 and fused.usable(self.decoder, dev):
             return fused.density(xy, xz, yz, self.decoder, self.cfg.density_bias)  # the same MLP in one kernel
+        if dev.type == "cpu" and dtype == torch.float32:
+            from runners.triposr import cpu
+
+            return cpu.density(xy, xz, yz, rest, self.cfg.density_bias, compute, chunk_size or cpu.CHUNK_POINTS)
         density = torch.empty(b, r, r, r, dtype=dtype, device=dev)
-        step = max(1, chunk_size // (b * r * r))  # x-slices per chunk
+        step = max(1, (chunk_size or 2**21) // (b * r * r))  # x-slices per chunk
         for i in range(0, r, step):
             pre = xy[:, i : i + step, :, None] + xz[:, i : i + step, None] + yz[:, None]  # [B, s, R, R, n]
             raw = rest(pre.to(compute))[..., 0].to(dtype)
             density[:, i : i + step] = torch.exp(raw + self.cfg.density_bias)
         return density
-
-    @torch.no_grad()
-    def extract_mesh(
-        self, scene_codes: torch.Tensor, resolution: int = 256, threshold: float = 25.0
-    ) -> list[trimesh.Trimesh]:
-        """Scene codes -> one mesh per scene with vertex colours, in the original's model frame (z up)."""
-        from runners.triposr.mesh import extract_meshes
-
-        return extract_meshes(self, scene_codes, resolution, threshold)
