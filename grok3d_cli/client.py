@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+from pipeline.storage import create_temp
 
 # Exit codes: the server said no (bad prompt, unknown job, failed job) versus no usable answer at all.
 EXIT_REFUSED = 1
@@ -141,7 +142,7 @@ class Api:
     def download(self, job_id: str, asset_type: str, target: Path) -> None:
         """Stream an asset to a temporary file beside `target`, then rename: no half-written file is left."""
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = _create_part_file(target)
+        fd, tmp = create_temp(target, ".part")  # the umask's mode, not mkstemp's 0600
         try:
             with os.fdopen(fd, "wb") as f:
                 self._stream_into(f, job_id, asset_type)
@@ -162,19 +163,6 @@ class Api:
             raise CliError(f"the server at {self.url} did not answer in time", EXIT_UNREACHABLE) from None
         except httpx.HTTPError as exc:
             raise CliError(f"the download from {self.url} broke off ({_reason(exc)})", EXIT_UNREACHABLE) from None
-
-
-def _create_part_file(target: Path) -> tuple[int, Path]:
-    """A new `.part` file beside `target`, open for writing, with the mode any new file gets (0666 less the umask,
-    0644 usually): tempfile.mkstemp's private 0600 would stay with the download through the rename, and a web
-    server or another user could not read the model."""
-    for _ in range(100):
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.part")
-        try:
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"no free temporary name beside {target}")
 
 
 def _segment(job_id: str) -> str:

@@ -86,7 +86,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either nothing or the whole file, even after a crash. The file
     gets the permissions any new file gets (0666 less the umask), not a temporary file's private 0600."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _create_temp(path)
+    fd, tmp = create_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -98,12 +98,13 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _create_temp(path: Path) -> tuple[int, Path]:
-    """A new temporary sibling of `path`, open for writing. Not tempfile.mkstemp: its mode 0600, meant for shared
-    folders such as /tmp, would stay with the file through the rename, and a web server or another user could not
-    read what we publish. Here the kernel applies the umask to 0666, as for any file a program creates."""
+def create_temp(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """A new temporary sibling of `path` (ending in `suffix`), open for writing. Not tempfile.mkstemp: its mode
+    0600, meant for shared folders such as /tmp, would stay with the file through the rename, and a web server or
+    another user could not read what we publish. Here the kernel applies the umask to 0666, as for any file a
+    program creates (the service's files and the grok3d command's downloads alike)."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}{suffix}")
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
         except FileExistsError:

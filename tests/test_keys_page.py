@@ -5,16 +5,14 @@ the key. Chromium and the helpers as in tests/test_page.py."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from playwright import sync_api
 
 from pipeline.db import sqlite_url
 from pipeline.jobs import JobStore
 from pipeline.keys import KeyStore
 from tests.server import Server
-from tests.test_page import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS, STAGE_SLEEP_S, Tab, count_loads
+from tests.test_page import STAGE_SLEEP_S, Tab, browser, count_loads  # noqa: F401 (browser: the shared fixture)
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +31,6 @@ def key(server) -> str:
         return KeyStore(store).create("browser")[1]
     finally:
         store.close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    assert Path(CHROMIUM).exists(), "the page tests need Debian's chromium: apt-get install chromium"
-    SCREENSHOTS.mkdir(exist_ok=True)
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture()
