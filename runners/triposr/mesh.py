@@ -126,15 +126,17 @@ def marching_cubes(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tenso
     on the field's device, vertices in its dtype.
 
     Faces are wound so that (v1 - v0) x (v2 - v0) points toward lower field values; a field that does not cross the
-    level gives no vertices and no faces. By device: scikit-image on a CPU, ours (marching_cubes_torch) elsewhere.
+    level gives no vertices and no faces. Ours (marching_cubes_torch) on every device: scikit-image's is faster on a
+    CPU, but it holds the GIL for its whole run (measured: a 224^3 field kept another thread waiting 20 s), and the
+    TripoSR service must answer `status`, /livez and /readyz while a batch runs (issue 12, item 5).
+    marching_cubes_skimage stays as the reference the tests hold ours to.
     """
-    if field.device.type == "cpu":
-        return marching_cubes_skimage(field, level)
     return marching_cubes_torch(field, level)
 
 
 def marching_cubes_skimage(field: torch.Tensor, level: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """marching_cubes on a CPU: scikit-image's classic (Lorensen) table, which computes in float32."""
+    """scikit-image's classic (Lorensen) table, in float32: the reference marching_cubes_torch is tested against
+    (not used by the service: it holds the GIL, see marching_cubes)."""
     from skimage.measure import marching_cubes as skimage_marching_cubes  # here: importing skimage takes ~0.5 s
 
     values = field.detach().to(torch.float32).contiguous().numpy()
