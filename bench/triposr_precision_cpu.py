@@ -5,7 +5,9 @@ Official config, seeded random weights, one picture, resolution 256, iso-level t
 accepts 1e-3. bf16 runs under CPU autocast. TF32 does not exist on a CPU, so it is emulated: a TorchFunctionMode
 rounds both inputs of every matrix product and convolution to TF32's 10-bit mantissa and lets float32 accumulate,
 as tensor cores do (the rounding of attention's inner softmax product is not emulated). On a GPU the model bench
-measures the real thing. About 4 minutes on 2 cores.
+measures the real thing. The CPU's own bf16 (whose backbone keeps its residual stream in float32) is measured by
+bench/triposr_model_bench.py --device cpu; here that is turned off, to compute as a GPU does. About 4 minutes on
+2 cores.
 
     python bench/triposr_precision_cpu.py
 """
@@ -24,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.triposr_model_bench import images  # noqa: E402
+from runners.triposr import model as network  # noqa: E402
 from runners.triposr.loading import random_model  # noqa: E402
 from runners.triposr.mesh import grid_to_model, marching_cubes  # noqa: E402
 from runners.triposr.precision import number_format  # noqa: E402
@@ -49,6 +52,7 @@ class EmulatedTF32(TorchFunctionMode):
 
 
 def main() -> None:
+    network.CPU_FLOAT32_RESIDUAL = False  # bf16 as a GPU runs it: the residual stream rounded to bf16 too
     torch.manual_seed(0)
     cpu, resolution = torch.device("cpu"), 256
     model = random_model("official", seed=0)

@@ -21,7 +21,7 @@ from pipeline.settings import Settings
 from runners.triposr import TripoSR, load_model
 from runners.triposr.inference import reconstruct_encoded
 from runners.triposr.mesh import extract_meshes, grid_points
-from runners.triposr.precision import Precision, number_format, resolve
+from runners.triposr.precision import Precision, cpu_bf16, number_format, resolve
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 
@@ -34,9 +34,44 @@ def model() -> TripoSR:
 def test_auto_is_fp32_on_the_cpu_and_mixed_on_a_gpu() -> None:
     assert resolve("auto", torch.device("cpu")) == resolve("fp32", torch.device("cpu")) == Precision("fp32", "fp32")
     assert resolve("auto", torch.device("cuda")) == Precision("tf32", "bf16")
-    assert resolve("bf16", torch.device("cpu")) == Precision("bf16", "bf16")
+    assert resolve("bf16", torch.device("cuda")) == Precision("bf16", "bf16")
     with pytest.raises(ValueError, match="fp16"):
         resolve("fp16", torch.device("cpu"))
+
+
+def test_on_a_cpu_bf16_runs_only_where_the_cpu_multiplies_it(caplog: pytest.LogCaptureFixture) -> None:
+    cpu = torch.device("cpu")
+    # With native bf16 products: bf16 as on a GPU; mixed's network in float32 (TF32 exists on GPUs only).
+    assert resolve("bf16", cpu, native_bf16=True) == Precision("bf16", "bf16")
+    assert resolve("mixed", cpu, native_bf16=True) == Precision("fp32", "bf16")
+    # Without: fp32, said once in the log.
+    with caplog.at_level("WARNING", logger="grok3d.triposr"):
+        for mode in ("bf16", "mixed", "bf16"):
+            assert resolve(mode, cpu, native_bf16=False) == Precision("fp32", "fp32")
+    said = [r.getMessage() for r in caplog.records if "no native bf16" in r.getMessage()]
+    assert len(said) <= 2 and all("running fp32" in m for m in said)  # once per mode and process
+    # Not given: detected.
+    assert resolve("bf16", cpu) == resolve("bf16", cpu, native_bf16=cpu_bf16() is not None)
+
+
+@pytest.mark.parametrize(("probes", "flags", "want"), [
+    ((True, False), set(), "amx_bf16"),
+    ((False, True), set(), "avx512_bf16"),
+    ((False, False), {"avx512f", "avx512_bf16"}, "avx512_bf16"),
+    ((False, False), {"avx512f", "amx_tile", "amx_bf16"}, "amx_bf16"),
+    ((False, False), {"avx512f", "avx512_vnni"}, None),  # this project's CI machine: a hypervisor hides both
+])
+def test_bf16_support_is_detected_not_assumed(monkeypatch: pytest.MonkeyPatch, probes, flags, want) -> None:
+    from runners.triposr import cpu
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: probes[0], raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: probes[1], raising=False)
+    monkeypatch.setattr(cpu, "_cpuinfo_flags", lambda: flags)
+    cpu.bf16_support.cache_clear()
+    try:
+        assert cpu.bf16_support() == want
+    finally:
+        cpu.bf16_support.cache_clear()
 
 
 def test_number_formats_set_and_put_back_the_tf32_flags() -> None:
@@ -110,7 +145,7 @@ def test_the_mesh_moves_by_a_fraction_of_a_cell(model: TripoSR, mode: str) -> No
     threshold = float(np.load(DATA / "mesh32.npz")["threshold"])
     meshes = {}
     for precision in ("fp32", mode):
-        plan = resolve(precision, model.device)
+        plan = resolve(precision, model.device, native_bf16=True)  # bf16's numbers, on any CPU
         with number_format(plan.network, model.device):
             codes = model([picture])
         with number_format(plan.grid, model.device):
@@ -122,7 +157,7 @@ def test_the_mesh_moves_by_a_fraction_of_a_cell(model: TripoSR, mode: str) -> No
     assert 0 < chamfer < 0.1 * cell, chamfer
 
 
-def test_the_service_path_runs_in_every_mode() -> None:
+def service_glbs() -> dict[str, bytes]:
     from runners.triposr.loading import random_model
 
     model = random_model("tiny", seed=0)
@@ -134,4 +169,20 @@ def test_the_service_path_runs_in_every_mode() -> None:
     glbs = {mode: reconstruct_encoded(model, [buf.getvalue()], precision=mode, **knobs)[0]
             for mode in ("auto", "fp32", "mixed", "bf16")}
     assert all(glb[:4] == b"glTF" for glb in glbs.values())
-    assert glbs["auto"] == glbs["fp32"] != glbs["mixed"] != glbs["bf16"]  # auto is fp32 on this CPU
+    return glbs
+
+
+def test_the_service_path_runs_in_every_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runners.triposr import cpu
+
+    monkeypatch.setattr(cpu, "bf16_support", lambda: "amx_bf16")  # as on a CPU with AMX (here PyTorch emulates it)
+    glbs = service_glbs()
+    assert glbs["auto"] == glbs["fp32"] != glbs["mixed"] != glbs["bf16"]  # auto is fp32 on a CPU
+
+
+def test_without_native_bf16_every_mode_gives_the_fp32_mesh(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runners.triposr import cpu
+
+    monkeypatch.setattr(cpu, "bf16_support", lambda: None)
+    glbs = service_glbs()
+    assert glbs["auto"] == glbs["fp32"] == glbs["mixed"] == glbs["bf16"]
