@@ -16,8 +16,8 @@ from PIL import Image
 from scipy.spatial import cKDTree
 from skimage import measure
 
-from runners.triposr.mesh import (case_table, marching_cubes, marching_cubes_skimage, marching_cubes_torch,
-                                  to_delivery_glb)
+from runners.triposr.mesh import (case_table, marching_cubes, marching_cubes_skimage, marching_cubes_skimage_slabs,
+                                  marching_cubes_torch, to_delivery_glb)
 
 DATA = Path(__file__).parent / "data" / "triposr-tiny"
 ROOT = Path(__file__).parent.parent
@@ -28,7 +28,8 @@ def fixture_field() -> np.ndarray:
     return np.load(DATA / "density_grid32.npy") - np.float32(ref["threshold"])
 
 
-IMPLEMENTATIONS = pytest.mark.parametrize("mc", [marching_cubes_torch, marching_cubes_skimage], ids=["torch", "skimage"])
+IMPLEMENTATIONS = pytest.mark.parametrize("mc", [marching_cubes_torch, marching_cubes_skimage, marching_cubes_skimage_slabs],
+                                          ids=["torch", "skimage", "skimage-slabs"])
 
 
 def test_same_vertices_as_skimage_lorensen() -> None:
@@ -111,16 +112,37 @@ def test_the_cpu_and_gpu_implementations_give_the_same_mesh() -> None:
     assert polygon_outlines(vt, idx[fs]) == polygon_outlines(vt, ft)
 
 
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_marching_cubes_is_ours_on_every_device(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """scikit-image's holds the GIL for its whole run, which would keep the TripoSR service's status waiting."""
+@pytest.mark.parametrize("device, expected", [("cpu", "skimage-slabs"), ("meta", "torch")])
+def test_marching_cubes_dispatches_by_device(device: str, expected: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from runners.triposr import mesh
 
     calls = []
-    monkeypatch.setattr(mesh, "marching_cubes_skimage", lambda f, level: calls.append("skimage"))
+    monkeypatch.setattr(mesh, "marching_cubes_skimage_slabs", lambda f, level: calls.append("skimage-slabs"))
     monkeypatch.setattr(mesh, "marching_cubes_torch", lambda f, level: calls.append("torch"))
     mesh.marching_cubes(torch.zeros(4, 4, 4, device=device), 0.5)
-    assert calls == ["torch"]
+    assert calls == [expected]
+
+
+@pytest.mark.parametrize("slices", [1, 2, 5])
+def test_slabs_weld_into_the_whole_field_mesh(slices: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A noisy field in slabs of a few slices: the whole-field call's vertices one to one (the later slabs' differ
+    in the last bits: local coordinates plus an offset), its triangles, no vertex twice; and no scikit-image call
+    sees more than a slab (+ the shared slice), so none holds the GIL for longer than a slab takes."""
+    from runners.triposr import mesh
+
+    gen = torch.Generator().manual_seed(3)
+    field = torch.nn.functional.avg_pool3d(torch.randn(1, 1, 44, 36, 40, generator=gen), 5, 1)[0, 0]
+    seen: list[tuple[int, ...]] = []
+    calls = mesh._skimage_arrays
+    monkeypatch.setattr(mesh, "_skimage_arrays", lambda values, level: seen.append(values.shape) or calls(values, level))
+    vs, fs = (t.numpy() for t in marching_cubes_skimage_slabs(field, 0.0, slab_voxels=slices * 32 * 36))
+    assert len(seen) == -(-39 // slices) and all(shape[0] <= slices + 1 for shape in seen)
+    vw, fw = (t.numpy() for t in marching_cubes_skimage(field))
+    assert len(vs) == len(vw) > 3000 and len(fs) == len(fw)
+    dist, idx = cKDTree(vw).query(vs)
+    assert dist.max() < 1e-4 and len(set(idx.tolist())) == len(vs)
+    triangles = lambda faces: {tuple(np.roll(t, -int(np.argmin(t)))) for t in faces.tolist()}  # noqa: E731
+    assert triangles(idx[fs]) == triangles(fw)
 
 
 @IMPLEMENTATIONS
