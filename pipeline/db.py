@@ -229,15 +229,29 @@ class Prepared:
 
 
 def relax_durability(connection: Connection) -> None:
-    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit without
-    waiting for the disk: counters worth less than an fsync, of which a power cut loses at most the last moments.
+    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit by
+    themselves, without waiting for the disk where the engine allows: counters worth less than an fsync, of which a
+    power cut loses at most the last moments.
     On SQLite, synchronous=NORMAL: in WAL mode that skips the fsync of each commit (4 ms here; a counter bumped by
     every API request cannot wait for it) and stays safe from corruption; the next durable commit's fsync of the
     log covers it. The level belongs to the connection, which goes back to FULL before its next transaction
-    (`_sqlite_begin`). On PostgreSQL such a statement commits as any other (`SET LOCAL synchronous_commit` would
-    cost a round trip of its own)."""
+    (`_sqlite_begin`). On PostgreSQL, autocommit (see `autocommit`): the statement is its own transaction, one
+    round trip where psycopg would send BEGIN, the statement and COMMIT; its commit waits for the WAL's flush as
+    any other (`SET LOCAL synchronous_commit` would cost a round trip of its own)."""
     if connection.dialect.name == "sqlite":
         _sqlite_synchronous(connection, "NORMAL")
+    else:
+        autocommit(connection)
+
+
+def autocommit(connection: Connection) -> None:
+    """On PostgreSQL, run each statement of this checkout as its own transaction: psycopg then sends no BEGIN before
+    the first statement, and the pool's reset when the connection goes back costs no ROLLBACK (a read alone needs
+    no transaction: one statement sees one snapshot). A setting of the driver's connection, no round trip; SQLAlchemy
+    puts the default isolation back when the connection returns to the pool. SQLite's reads begin their own
+    (deferred) transaction in `_sqlite_begin`, which costs no round trip: nothing to do there."""
+    if connection.dialect.name == "postgresql":
+        connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _sqlite_synchronous(connection: Connection, level: str) -> None:

@@ -311,8 +311,8 @@ class JobStore:
     def counting(self) -> Iterator[Connection]:
         """A connection for counters (pipeline/ratelimit.py), outside any transaction: each statement it runs is
         one atomic write that commits by itself (pipeline.db.Prepared with commit), without waiting for the disk
-        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN, COMMIT or fsync; its
-        writes still queue on the job store's write lock."""
+        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN or COMMIT on either engine,
+        and no fsync on SQLite; its writes still queue on the job store's write lock."""
         with self._write_lock, self.engine.connect() as conn:
             relax_durability(conn)
             yield conn

@@ -14,9 +14,12 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+from psycopg import pq
 
 from tests.server import free_port
 
@@ -87,3 +90,26 @@ class PostgresServer:
     def log(self) -> str:
         path = self.dir / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextmanager
+def sent_statements(dbapi_connection: psycopg.Connection) -> Iterator[list[str]]:
+    """What a psycopg connection sends to the server meanwhile, as libpq's own protocol trace records it (PQtrace):
+    the first word of each statement, a simple Query ("BEGIN", "COMMIT") or an extended-protocol Parse ("INSERT").
+    The list is filled when the block ends."""
+    sent: list[str] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn = dbapi_connection.pgconn
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            pgconn.untrace()
+            trace.seek(0)
+            for line in trace:
+                # "F <length> Query \"BEGIN\"" or "F <length> Parse \"\" \"INSERT ...": F is the client's side.
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) >= 4 and fields[0] == "F" and fields[2] in ("Query", "Parse"):
+                    sql = fields[3].split('"')[1 if fields[2] == "Query" else 3]
+                    sent.append(sql.split()[0].upper() if sql.split() else sql)
