@@ -382,11 +382,11 @@ async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(
     assert first_model.calls == 0 and second_model.calls == 1  # the job completed exactly once
 
 
-def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path):
+def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path, store_url):
     from pipeline.jobs import CANCELLED
     from pipeline.lifecycle import Lifecycle
 
-    store = open_store(tmp_path / "grok3d.db", retention_s=3600)
+    store = JobStore(store_url, retention_s=3600)
     assets = AssetStore(tmp_path / "jobs")
     job = store.create("x", queue_max=10)
     outcome = store.request_cancel(job.job_id)
