@@ -34,7 +34,7 @@ from pipeline import schemas, webhooks
 from pipeline.auth import ANYONE, RATE_HEADERS, SCOPE_KEY, Caller, Gate, Refused
 from pipeline.events import event_stream, fixed_events, job_events, last_event_id
 from pipeline.examples import SHIPPED_DIR, ExampleCatalog
-from pipeline.formats import FormatError, FormatMaker
+from pipeline.formats import AssetTarget, FileTarget, FormatError, FormatMaker, Target
 from pipeline.head import is_head, serve_head
 from pipeline.jobs import (IdempotencyKey, IdempotencyMismatch, Job, JobOptions, JobStore, QueueFull, Source,
                            Stage, Status, Submission)
@@ -704,9 +704,13 @@ def _served(endpoint):
 async def _object_response(request: Request, runtime: Runtime, job_id: str, kind: Asset) -> Response:
     """An asset in object storage: streamed through with API.md's rules, or, with GROK3D_ASSETS_REDIRECT_S, a GET is
     sent to a presigned URL of the object (which carries its own media type and Content-Disposition, and answers
-    Range and If-None-Match itself). HEAD is answered here, since a URL signed for GET does not answer HEAD."""
+    Range and If-None-Match itself). HEAD is answered here, since a URL signed for GET does not answer HEAD. A format
+    made on request that is not there yet is made first (one HEAD for one that is)."""
     assets = runtime.assets
     info = await asyncio.to_thread(assets.stat, job_id, kind)
+    if info is None and kind in ON_DEMAND:
+        await _ensure_format(runtime, AssetTarget(assets, job_id, kind), kind)
+        info = await asyncio.to_thread(assets.stat, job_id, kind)
     if info is None:
         raise ApiError(404, "Asset not found")
     seconds = runtime.settings.assets_redirect_s
@@ -717,6 +721,13 @@ async def _object_response(request: Request, runtime: Runtime, job_id: str, kind
     return object_response(request, info, lambda first, last: assets.iter_range(job_id, kind, first, last),
                            MEDIA_TYPES[kind], filename=f"{job_id}.{DOWNLOAD_SUFFIX[kind]}",
                            disposition=DISPOSITION[kind])
+
+
+async def _ensure_format(runtime: Runtime, target: Target, kind: Asset) -> None:
+    try:
+        await runtime.formats.ensure(target, kind)
+    except FormatError as exc:
+        raise ApiError(exc.status_code, exc.message, exc.headers) from None
 
 
 async def _asset_caller(request: Request, job_id: str) -> Caller:
@@ -732,26 +743,21 @@ async def _serve_asset(request: Request, job_id: str, kind: Asset, caller: Calle
         example = runtime.catalog.get(job_id)
         if example is None:
             raise ApiError(404, "Job not found")
-        glb, path = example.path(Asset.glb), example.path(kind)
+        path = example.path(kind)
         if kind in ON_DEMAND and not path.is_file():  # shipped examples are read-only: their formats go here
             path = runtime.settings.data_dir / "example-formats" / job_id / FILE_NAMES[kind]
+            await _ensure_format(runtime, FileTarget(example.path(Asset.glb), path), kind)
     elif (job := await asyncio.to_thread(runtime.store.get, job_id) if is_job_id(job_id) else None) is not None \
             and caller.owns(job):
-        glb, path = runtime.assets.local_path(job_id, Asset.glb), runtime.assets.local_path(job_id, kind)
-        if path is None:  # object storage: its files stream from there; formats on request need a folder
-            if kind in ON_DEMAND:
-                raise ApiError(404, "This format is made on request, which needs the folder asset store "
-                                    "(GROK3D_ASSETS_URL unset or a folder)")
+        path = runtime.assets.local_path(job_id, kind)
+        if path is None:  # object storage: its files stream from there, or redirect
             response = await _object_response(request, runtime, job_id, kind)
             response.headers.update(caller.headers)
             return response
+        if kind in ON_DEMAND:
+            await _ensure_format(runtime, AssetTarget(runtime.assets, job_id, kind), kind)
     else:
         raise ApiError(404, "Job not found")
-    if kind in ON_DEMAND:
-        try:
-            await runtime.formats.ensure(glb, path, kind)
-        except FormatError as exc:
-            raise ApiError(exc.status_code, exc.message, exc.headers) from None
     response = _file_response(request, path, job_id, kind)
     response.headers.update(caller.headers)
     return response

@@ -10,6 +10,7 @@ lives here, behind the dialect's name (`db_now`, `transaction_lock`, the connect
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (JSON, Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, inspect, text)
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import InvalidatePoolError
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float as FloatType
@@ -229,15 +231,29 @@ class Prepared:
 
 
 def relax_durability(connection: Connection) -> None:
-    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit without
-    waiting for the disk: counters worth less than an fsync, of which a power cut loses at most the last moments.
+    """Let the statements that `connection` runs outside a transaction (Prepared.rows with commit) commit by
+    themselves, without waiting for the disk where the engine allows: counters worth less than an fsync, of which a
+    power cut loses at most the last moments.
     On SQLite, synchronous=NORMAL: in WAL mode that skips the fsync of each commit (4 ms here; a counter bumped by
     every API request cannot wait for it) and stays safe from corruption; the next durable commit's fsync of the
     log covers it. The level belongs to the connection, which goes back to FULL before its next transaction
-    (`_sqlite_begin`). On PostgreSQL such a statement commits as any other (`SET LOCAL synchronous_commit` would
-    cost a round trip of its own)."""
+    (`_sqlite_begin`). On PostgreSQL, autocommit (see `autocommit`): the statement is its own transaction, one
+    round trip where psycopg would send BEGIN, the statement and COMMIT; its commit waits for the WAL's flush as
+    any other (`SET LOCAL synchronous_commit` would cost a round trip of its own)."""
     if connection.dialect.name == "sqlite":
         _sqlite_synchronous(connection, "NORMAL")
+    else:
+        autocommit(connection)
+
+
+def autocommit(connection: Connection) -> None:
+    """On PostgreSQL, run each statement of this checkout as its own transaction: psycopg then sends no BEGIN before
+    the first statement, and the pool's reset when the connection goes back costs no ROLLBACK (a read alone needs
+    no transaction: one statement sees one snapshot). A setting of the driver's connection, no round trip; SQLAlchemy
+    puts the default isolation back when the connection returns to the pool. SQLite's reads begin their own
+    (deferred) transaction in `_sqlite_begin`, which costs no round trip: nothing to do there."""
+    if connection.dialect.name == "postgresql":
+        connection.execution_options(isolation_level="AUTOCOMMIT")
 
 
 def _sqlite_synchronous(connection: Connection, level: str) -> None:
@@ -254,14 +270,47 @@ def sqlite_url(path: Path) -> str:
 def create_store_engine(url: str) -> Engine:
     """An engine for the job store. On SQLite: WAL, synchronous=FULL (an accepted job is on disk before the client
     hears of it), a 30 s busy timeout, and transactions whose BEGIN we emit ourselves (see `_sqlite_begin`). On
-    PostgreSQL: connections are checked before use (the server restarts, or a proxy drops idle connections, while a
-    replica runs), and its default isolation, READ COMMITTED, which the claim's SKIP LOCKED is made for."""
+    PostgreSQL: its default isolation, READ COMMITTED, which the claim's SKIP LOCKED is made for; reads in
+    autocommit (`autocommit`); and a connection that sat idle is checked before use (`_ping_when_idle`), one in use
+    is not. The pool hands out the connection returned last (LIFO), so under load one connection stays busy and
+    is never pinged, and the others age until they are checked or the server closes them."""
     postgresql = url.startswith("postgresql")
-    engine = create_engine(url, pool_size=8, max_overflow=8, pool_pre_ping=postgresql)
+    engine = create_engine(url, pool_size=8, max_overflow=8, pool_use_lifo=postgresql)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
+    else:
+        _ping_when_idle(engine)
     return engine
+
+
+# A pooled connection idle this long is pinged before it is handed out. Every checkout's ping (SQLAlchemy's
+# pool_pre_ping) cost a round trip per status read, a third of the read's time. Connections die when the server
+# restarts or fails over (seconds, during which every statement fails, pinged or not) or when a proxy or firewall
+# drops idle ones (minutes): a connection used within the last second has seen neither.
+PING_AFTER_IDLE_S = 1.0
+
+
+def _ping_when_idle(engine: Engine) -> None:
+    """Check a connection that has been idle in the pool before it is used; a dead one invalidates every connection
+    pooled before it, and the pool connects anew (SQLAlchemy's PoolEvents.checkout: a DisconnectionError raised
+    there retries the checkout with a fresh connection). `info` is the driver connection's own: a new connection
+    starts without a time, and is not pinged."""
+
+    def returned(dbapi_connection, record) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    def check(dbapi_connection, record, proxy) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since < PING_AFTER_IDLE_S:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise InvalidatePoolError(f"a pooled connection is dead ({exc})") from exc
+
+    event.listen(engine, "checkin", returned)
+    event.listen(engine, "checkout", check)
 
 
 def _sqlite_connect(dbapi_connection, record) -> None:

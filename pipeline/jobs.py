@@ -28,8 +28,8 @@ from functools import lru_cache
 from sqlalchemy import (Connection, and_, bindparam, case, delete, exc, false, func, insert, literal, or_, select,
                         true, update)
 
-from pipeline.db import (Prepared, create_store_engine, db_now, idempotency_keys, is_postgresql, job_events, jobs,
-                         migrate, relax_durability, transaction_lock, webhook_deliveries)
+from pipeline.db import (Prepared, autocommit, create_store_engine, db_now, idempotency_keys, is_postgresql,
+                         job_events, jobs, migrate, relax_durability, transaction_lock, webhook_deliveries)
 from pipeline.storage import new_job_id
 
 
@@ -296,7 +296,10 @@ class JobStore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
+        """A connection for reads, each statement its own snapshot (pipeline.db.autocommit: on PostgreSQL no BEGIN
+        and ROLLBACK round trips around a status poll's one SELECT)."""
         with self.engine.connect() as conn:
+            autocommit(conn)
             yield conn
 
     def write(self) -> AbstractContextManager[Connection]:
@@ -311,8 +314,8 @@ class JobStore:
     def counting(self) -> Iterator[Connection]:
         """A connection for counters (pipeline/ratelimit.py), outside any transaction: each statement it runs is
         one atomic write that commits by itself (pipeline.db.Prepared with commit), without waiting for the disk
-        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN, COMMIT or fsync; its
-        writes still queue on the job store's write lock."""
+        (pipeline.db.relax_durability). A counter bumped by every request costs no BEGIN or COMMIT on either engine,
+        and no fsync on SQLite; its writes still queue on the job store's write lock."""
         with self._write_lock, self.engine.connect() as conn:
             relax_durability(conn)
             yield conn

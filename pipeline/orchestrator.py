@@ -31,7 +31,7 @@ from functools import partial
 from typing import TypeVar
 
 from pipeline.errors import StageError
-from pipeline.formats import FormatError, FormatMaker
+from pipeline.formats import AssetTarget, FormatError, FormatMaker
 from pipeline.jobs import CANCELLED, Job, JobStore, Lease, LeaseLost, Source, Stage, process_owner_id
 from pipeline.meshes import finish_glb, mesh_report
 from pipeline.retry import RetryPolicy
@@ -313,12 +313,8 @@ class Orchestrator:
 
     async def _preview(self, job: Job) -> None:
         """The render shown in job lists: a job without one is still complete (the page shows its image)."""
-        glb, target = self.assets.local_path(job.job_id, Asset.glb), self.assets.local_path(job.job_id, Asset.preview)
-        if glb is None or target is None:  # object storage: formats made on request work on folders only (so far)
-            log.info("job %s: no preview with object storage", job.job_id)
-            return
         try:
-            await self._formats.ensure(glb, target, Asset.preview)
+            await self._formats.ensure(AssetTarget(self.assets, job.job_id, Asset.preview), Asset.preview)
         except FormatError as exc:
             log.warning("job %s: no preview (%s)", job.job_id, exc.message)
 

@@ -14,9 +14,12 @@ import shutil
 import subprocess
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
+from psycopg import pq
 
 from tests.server import free_port
 
@@ -58,11 +61,20 @@ class PostgresServer:
             shutil.chown(self.dir, "postgres", "postgres")
         self._run("initdb", "-D", str(self.data), "--auth=trust", "--username", self.role, "-E", "UTF8",
                   *([] if self.durable else ["--no-sync"]))
+        self._launch()
+        return self
+
+    def _launch(self) -> None:
         fast = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "server.log"), "-w", "-o",
                   f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 {fast}-c max_connections=300",
                   "start")
-        return self
+
+    def restart(self) -> None:
+        """Stop the server (fast: it closes every client's connection) and start it again on the same data and
+        port, as a restart or a failover looks to a client."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self._launch()
 
     def stop(self) -> None:
         if self.data.exists():
@@ -87,3 +99,26 @@ class PostgresServer:
     def log(self) -> str:
         path = self.dir / "server.log"
         return path.read_text(errors="replace") if path.exists() else ""
+
+
+@contextmanager
+def sent_statements(dbapi_connection: psycopg.Connection) -> Iterator[list[str]]:
+    """What a psycopg connection sends to the server meanwhile, as libpq's own protocol trace records it (PQtrace):
+    the first word of each statement, a simple Query ("BEGIN", "COMMIT") or an extended-protocol Parse ("INSERT").
+    The list is filled when the block ends."""
+    sent: list[str] = []
+    with tempfile.TemporaryFile("w+") as trace:
+        pgconn = dbapi_connection.pgconn
+        pgconn.trace(trace.fileno())
+        pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            yield sent
+        finally:
+            pgconn.untrace()
+            trace.seek(0)
+            for line in trace:
+                # "F <length> Query \"BEGIN\"" or "F <length> Parse \"\" \"INSERT ...": F is the client's side.
+                fields = line.rstrip("\n").split("\t")
+                if len(fields) >= 4 and fields[0] == "F" and fields[2] in ("Query", "Parse"):
+                    sql = fields[3].split('"')[1 if fields[2] == "Query" else 3]
+                    sent.append(sql.split()[0].upper() if sql.split() else sql)

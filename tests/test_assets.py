@@ -1,10 +1,17 @@
 """The asset stores' one interface on both backends (a folder; S3 on a real S3 server on loopback, moto), and
-API.md's download rules served from object storage: streamed through, or redirected to a presigned URL."""
+API.md's download rules served from object storage: streamed through, or redirected to a presigned URL, the formats
+made on request included (the real Blender pool for OBJ and the preview)."""
 
 from __future__ import annotations
 
+import io
+import re
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import pytest
+import trimesh
 
 from pipeline.objectstore import S3AssetStore
 from pipeline.storage import Asset, AssetStore
@@ -145,4 +152,52 @@ def test_downloads_redirect_to_presigned_urls_when_configured(s3, tmp_path):
         assert direct.headers["content-type"] == "model/vnd.usdz+zip"
         head = client.head(url)  # answered by the API: a URL signed for GET does not answer HEAD
         assert head.status_code == 200 and head.headers["content-type"] == "model/vnd.usdz+zip"
+        stl = client.get(f"/api/asset/{job_id}?asset_type=stl")  # made on request, then redirected to as well
+        assert stl.status_code == 307
+        assert httpx.get(stl.headers["location"]).headers["content-type"] == "model/stl"
         assert client.get(f"/api/asset/{job_id}?asset_type=nope").status_code == 400
+
+
+def test_formats_made_on_request_are_made_once_into_object_storage(s3, tmp_path):
+    """With assets in S3, the formats made on request (STL with trimesh, OBJ and the preview on the real Blender
+    pool) are made from a scratch copy of the GLB, uploaded whole, then served with API.md's rules; a second
+    request, or two at once, make nothing again."""
+    bucket = s3.new_bucket()
+    env = {**s3.env(bucket), "GROK3D_STAGES": "tests.stages:real_formats", "XAI_API_KEY": "test-key",
+           "GROK3D_BAKE_SIZE": "64", "GROK3D_BLENDER_WORKERS": "1"}
+    with AppServer(tmp_path, env) as app, httpx.Client(base_url=app.url, timeout=120) as client:
+        job = wait_job(client, client.post("/api/generate", json={"prompt": "an egg"}).json()["job_id"],
+                       timeout_s=120)
+        assert job["status"] == "complete", job
+        job_id = job["job_id"]
+        store = S3AssetStore.from_url(env["GROK3D_ASSETS_URL"], endpoint=s3.endpoint, scratch=tmp_path / "mine")
+        assert store.has(job_id, Asset.preview)  # made with the USDZ, as with a folder
+        for asset_type, media_type, name in (("stl", "model/stl", f"{job_id}.stl"),
+                                             ("obj", "application/zip", f"{job_id}.obj.zip")):
+            url = f"/api/asset/{job_id}?asset_type={asset_type}"
+            first = client.get(url)
+            assert first.status_code == 200, first.text
+            assert first.headers["content-type"] == media_type
+            assert first.headers["content-disposition"] == f'attachment; filename="{name}"'
+            assert first.content == store.read(job_id, Asset(asset_type)) and first.headers["etag"]
+            part = client.get(url, headers={"Range": "bytes=0-3"})
+            assert part.status_code == 206 and part.content == first.content[:4]
+            assert part.headers["content-range"] == f"bytes 0-3/{len(first.content)}"
+            head = client.head(url)
+            assert head.status_code == 200 and head.content == b""
+            assert head.headers["etag"] == first.headers["etag"]
+            assert head.headers["content-length"] == str(len(first.content))
+            assert client.get(url, headers={"If-None-Match": first.headers["etag"]}).status_code == 304
+            again = client.get(url)
+            assert again.content == first.content and again.headers["etag"] == first.headers["etag"]
+        stl = trimesh.load(io.BytesIO(store.read(job_id, Asset.stl)), file_type="stl", force="mesh")
+        assert len(stl.faces) == job["mesh"]["faces"]
+        with zipfile.ZipFile(io.BytesIO(store.read(job_id, Asset.obj))) as archive:
+            assert sorted(archive.namelist()) == ["model.mtl", "model.obj", "model.png"]
+        with ThreadPoolExecutor(2) as pool:  # two first requests at once
+            answers = list(pool.map(lambda _: client.get(f"/api/jobs/{job_id}/model.3mf"), range(2)))
+        assert [a.status_code for a in answers] == [200, 200] and answers[0].content == answers[1].content
+        log = app.log()
+        for kind in ("stl", "obj", "3mf", "preview"):
+            assert len(re.findall(rf"{job_id} {kind} made in", log)) == 1, kind
+    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]  # no scratch copy outlives its use

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event, select
 
+import pipeline.db
+
 from pipeline import schemas
 from pipeline.db import SEED_REVISION, current_revision, head_revision, db_now, jobs, sqlite_url
 from pipeline.errors import StageError
@@ -25,6 +27,7 @@ from pipeline.jobs import (Job, JobStore, Lease, LeaseLost, QueueFull, Stage, St
 from pipeline.orchestrator import Orchestrator
 from pipeline.stages import ModelState, ModelStatus, Reconstruction, Stages
 from pipeline.storage import Asset, AssetStore
+from tests.postgres import sent_statements
 from tests.stages import BoxReconstructor, CopyPrepare, SleepyImage, ZipConverter
 
 
@@ -166,6 +169,31 @@ def test_a_claim_is_one_statement_on_postgresql_and_leases_run_on_the_database_c
     with store.engine.connect() as conn:
         now = conn.execute(select(db_now())).scalar_one()
     assert 29.0 < job.lease_until - now <= 30.0
+    store.close()
+
+
+def test_a_postgresql_read_is_one_statement_and_a_restart_of_the_server_is_survived(postgres, monkeypatch):
+    """A status read on PostgreSQL is its SELECT alone: no BEGIN and ROLLBACK (autocommit), no ping of a connection
+    in use. A connection idle past PING_AFTER_IDLE_S is pinged first, so a server restart meanwhile costs no
+    request: the dead connection is replaced before the read."""
+    monkeypatch.setattr(pipeline.db, "PING_AFTER_IDLE_S", 0.2)
+    store = JobStore(postgres.new_database())
+    job = store.create("x", queue_max=10)
+    with store.engine.connect() as conn:  # the pool's one connection: LIFO hands it out again
+        dbapi_connection = conn.connection.dbapi_connection
+    with sent_statements(dbapi_connection) as hot:
+        assert store.get(job.job_id) == job
+        assert store.list_jobs(None, limit=5) == [job]
+    assert hot == ["SELECT", "SELECT"]
+    time.sleep(0.3)
+    with sent_statements(dbapi_connection) as idle:
+        store.get(job.job_id)
+    assert idle == [";", "SELECT"]  # the ping, an empty query
+
+    postgres.restart()
+    time.sleep(0.3)
+    assert store.get(job.job_id) == job  # on a new connection
+    assert store.create("y", queue_max=10).status is Status.queued
     store.close()
 
 
@@ -382,11 +410,11 @@ async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(
     assert first_model.calls == 0 and second_model.calls == 1  # the job completed exactly once
 
 
-def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path):
+def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path, store_url):
     from pipeline.jobs import CANCELLED
     from pipeline.lifecycle import Lifecycle
 
-    store = open_store(tmp_path / "grok3d.db", retention_s=3600)
+    store = JobStore(store_url, retention_s=3600)
     assets = AssetStore(tmp_path / "jobs")
     job = store.create("x", queue_max=10)
     outcome = store.request_cancel(job.job_id)

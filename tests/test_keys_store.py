@@ -1,42 +1,47 @@
-"""API keys, their rate limit and their quotas in-process, on real SQLite files: pipeline/keys.py,
-pipeline/ratelimit.py (a `limits` storage, driven by the library's own strategy) and pipeline/quotas.py."""
+"""API keys, their rate limit and their quotas in-process, on both engines (real SQLite files, a real PostgreSQL
+server): pipeline/keys.py, pipeline/ratelimit.py (a `limits` storage, driven by the library's own strategy) and
+pipeline/quotas.py."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 from limits import RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.strategies import FixedWindowRateLimiter
-from sqlalchemy import event
+from sqlalchemy import event, func, select
 
-from pipeline.db import sqlite_url
+from pipeline.db import api_keys
 from pipeline.jobs import JobStore, Lease, QueueFull
 from pipeline.keys import DEFAULT_JOBS_PER_DAY, DEFAULT_MAX_IN_FLIGHT, DEFAULT_RPM, KEY_RE, KeyStore, KeyStoreError
 from pipeline.quotas import LimitExceeded, Quotas
 from pipeline.ratelimit import KeyRevoked, RequestLimiter, StoreStorage
+from tests.postgres import sent_statements
 
 
 @pytest.fixture()
-def store(tmp_path):
-    s = JobStore(sqlite_url(tmp_path / "grok3d.db"))
+def store(store_url):
+    s = JobStore(store_url)
     yield s
     s.close()
 
 
-def test_a_key_is_shown_once_and_stored_only_as_its_hash(store, tmp_path):
+def test_a_key_is_shown_once_and_stored_only_as_its_hash(store):
     keys = KeyStore(store)
     row, key = keys.create("alice")
     assert KEY_RE.fullmatch(key) and key.startswith("g3d_")
     assert (row.rpm, row.max_in_flight, row.jobs_per_day) == (DEFAULT_RPM, DEFAULT_MAX_IN_FLIGHT,
                                                               DEFAULT_JOBS_PER_DAY)
-    store.close()
-    raw = b"".join(p.read_bytes() for p in tmp_path.glob("grok3d.db*"))  # the database and its WAL
-    assert key.encode() not in raw and key[4:].encode() not in raw
-    with sqlite3.connect(tmp_path / "grok3d.db") as db:
-        assert db.execute("SELECT name, length(key_hash) FROM api_keys").fetchall() == [("alice", 64)]
+    with store.read() as conn:
+        assert conn.execute(select(api_keys.c.name, func.length(api_keys.c.key_hash))).all() == [("alice", 64)]
+        stored = " ".join(str(value) for row in conn.execute(select(api_keys)).all() for value in row)
+    assert key not in stored and key[4:] not in stored
+    if store.engine.dialect.name == "sqlite":  # the file's bytes too: the database and its WAL
+        store.close()
+        path = Path(store.engine.url.database)
+        raw = b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+        assert key.encode() not in raw and key[4:].encode() not in raw
 
 
 def test_find_create_list_revoke(store):
@@ -87,9 +92,9 @@ def test_the_store_is_a_limits_storage_for_the_librarys_fixed_window(store):
     assert storage.reset() >= 1
 
 
-def test_two_replicas_count_in_one_window(tmp_path):
+def test_two_replicas_count_in_one_window(store_url):
     """Two stores on one database (two replicas of the API): the requests of one key add up."""
-    a, b = JobStore(sqlite_url(tmp_path / "grok3d.db")), JobStore(sqlite_url(tmp_path / "grok3d.db"))
+    a, b = JobStore(store_url), JobStore(store_url)
     try:
         key, _ = KeyStore(a).create("shared", rpm=4)
         limiters = [RequestLimiter(a), RequestLimiter(b)]
@@ -108,18 +113,31 @@ def test_two_replicas_count_in_one_window(tmp_path):
 
 def test_a_counted_request_is_one_statement_that_also_checks_revocation(store):
     """The count, the revocation check and the window's numbers: one UPSERT that commits by itself, with no BEGIN
-    or COMMIT around it (SQLite's own trace of what runs)."""
+    or COMMIT around it, and then the route's own read on the same connection (a keyed status poll): SQLite's own
+    trace of what runs, libpq's trace of what is sent to PostgreSQL."""
     keys = KeyStore(store)
     key, _ = keys.create("poller", rpm=100)
+    job = store.create("p", queue_max=10, api_key_id=key.id)
     limiter = RequestLimiter(store)
-    statements: list[str] = []
-    event.listen(store.engine, "checkout", lambda dbapi, *_: dbapi.set_trace_callback(statements.append))
-    with store.counting() as conn:
-        status = limiter.hit(conn, key.id, key.rpm)
-    assert status.remaining == 99 and status.allowed
-    statements = [s for s in statements if not s.startswith("PRAGMA synchronous")]  # once per connection
-    assert [s.split()[0].upper() for s in statements] == ["INSERT"], statements
-    assert "api_keys" in statements[0] and "revoked_at IS NULL" in statements[0]
+    sql = limiter.storage._incr_guarded.sql
+    assert sql.split()[0].upper() == "INSERT" and "ON CONFLICT" in sql and "RETURNING" in sql
+    assert "api_keys" in sql and "revoked_at IS NULL" in sql
+
+    def poll(conn):
+        return limiter.hit(conn, key.id, key.rpm), store.get(job.job_id, conn=conn)
+
+    if store.engine.dialect.name == "sqlite":
+        statements: list[str] = []
+        event.listen(store.engine, "checkout", lambda dbapi, *_: dbapi.set_trace_callback(statements.append))
+        with store.counting() as conn:
+            status, seen = poll(conn)
+        statements = [s.split()[0].upper() for s in statements
+                      if not s.startswith("PRAGMA synchronous")]  # once per connection
+    else:
+        with store.counting() as conn, sent_statements(conn.connection.dbapi_connection) as statements:
+            status, seen = poll(conn)
+    assert statements == ["INSERT", "SELECT"], statements
+    assert status.remaining == 99 and status.allowed and seen == job
     keys.revoke("poller")
     with pytest.raises(KeyRevoked), store.counting() as conn:
         limiter.hit(conn, key.id, key.rpm)
@@ -128,12 +146,29 @@ def test_a_counted_request_is_one_statement_that_also_checks_revocation(store):
 
 
 def test_a_count_skips_the_fsync_and_a_job_write_does_not(store):
-    """One pooled connection serves both: a count under synchronous=NORMAL, then a job's write under FULL."""
-    levels = []
+    """One pooled connection serves both. SQLite: a count under synchronous=NORMAL, then a job's write under FULL.
+    PostgreSQL: a count is its own transaction (autocommit: no BEGIN, no COMMIT), and a job's write after it on the
+    same connection is a transaction again."""
+    if store.engine.dialect.name == "sqlite":
+        levels = []
+        for counting in (True, False, True, False):
+            with store.counting() if counting else store.write() as conn:
+                levels.append(conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0])
+        assert levels == [1, 2, 1, 2]  # NORMAL, FULL, NORMAL, FULL
+        return
+    limiter = RequestLimiter(store)
+    key, _ = KeyStore(store).create("poller")
+    sent = []
     for counting in (True, False, True, False):
-        with store.counting() if counting else store.write() as conn:
-            levels.append(conn.connection.driver_connection.execute("PRAGMA synchronous").fetchone()[0])
-    assert levels == [1, 2, 1, 2]  # NORMAL, FULL, NORMAL, FULL
+        with store.counting() if counting else store.write() as conn, \
+                sent_statements(conn.connection.dbapi_connection) as statements:
+            if counting:
+                limiter.hit(conn, key.id, key.rpm)
+            else:
+                conn.execute(select(func.count()).select_from(api_keys)).scalar_one()
+        sent.append(statements)
+    assert sent == [["INSERT"], ["BEGIN", "SELECT"], ["INSERT"], ["BEGIN", "SELECT"]], sent
+    assert store.engine.pool.checkedin() == 1  # one connection served all four
 
 
 def test_quotas_count_jobs_in_the_store(store):
