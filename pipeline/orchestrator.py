@@ -26,6 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, nullcontext
 from functools import partial
 from typing import TypeVar
@@ -85,10 +86,15 @@ class Orchestrator:
         self._on_end = on_end  # told the id of each job that ended here (its webhook is due)
         self._wake = asyncio.Event()
         self._loops: list[asyncio.Task[None]] = []
+        # The lease loop's store calls get a thread of their own: in the shared pool (asyncio.to_thread) a renewal
+        # would queue behind the store calls of up to max_running jobs and of every route, and a busy replica could
+        # lose leases it holds.
+        self._lease_thread: ThreadPoolExecutor | None = None
 
     # -- life cycle -----------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._lease_thread = ThreadPoolExecutor(1, thread_name_prefix="grok3d-leases")
         self._loops = [
             asyncio.create_task(self._dispatch_loop(), name="grok3d-dispatch"),
             asyncio.create_task(self._lease_loop(), name="grok3d-leases"),
@@ -101,6 +107,8 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._loops.clear()
+        if self._lease_thread is not None:
+            self._lease_thread.shutdown(wait=False)
 
     def wake(self) -> None:
         """A job was submitted: claim it now rather than at the next poll."""
@@ -153,10 +161,13 @@ class Orchestrator:
         while True:
             await asyncio.sleep(self.store.lease_s / 3)
             if self._running:
-                held = await self._db(self.store.renew_leases, self.owner)
+                held = await self._lease_call(self.store.renew_leases, self.owner)
                 self._stop_lost(held)
-                for job_id in await self._db(self.store.cancel_requests, self.owner):
+                for job_id in await self._lease_call(self.store.cancel_requests, self.owner):
                     self.cancel(job_id)
+
+    async def _lease_call(self, method: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._lease_thread, partial(method, *args))
 
     def _stop_lost(self, held: dict[str, int]) -> None:
         """Cancel the jobs whose lease this owner no longer holds (taken over while this process stalled)."""

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -408,6 +409,46 @@ async def test_a_stalled_owner_is_taken_over_and_its_late_writes_change_nothing(
     image = Image.open(AssetStore(jobs_dir).path(job.job_id, Asset.image)).convert("RGB")
     assert image.getpixel((16, 16))[0] > 200  # the second one's picture, not the first one's
     assert first_model.calls == 0 and second_model.calls == 1  # the job completed exactly once
+
+
+class HeldImage(SleepyImage):
+    """An image stage that waits, without blocking its event loop, until the test lets it go on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.go = asyncio.Event(), asyncio.Event()
+
+    async def generate_image(self, prompt: str) -> bytes:
+        self.started.set()
+        await self.go.wait()
+        return await super().generate_image(prompt)
+
+
+async def test_leases_are_renewed_while_the_shared_thread_pool_is_busy(tmp_path, store_url):
+    """A busy replica (the store calls of many jobs and of every route queued in asyncio's shared thread pool)
+    keeps the leases it holds: the lease loop's calls have a thread of their own."""
+    loop = asyncio.get_running_loop()
+    loop.set_default_executor(ThreadPoolExecutor(1))
+    store, rival = JobStore(store_url, lease_s=0.6), JobStore(store_url, lease_s=0.6)
+    image = HeldImage()
+    orch = Orchestrator(store, AssetStore(tmp_path / "jobs"), Stages(image, CopyPrepare(), BoxReconstructor(),
+                                                                      ZipConverter()), poll_s=0.05)
+    job = store.create("cube", queue_max=10)
+    await orch.start()
+    try:
+        await asyncio.wait_for(image.started.wait(), 10)
+        busy = loop.run_in_executor(None, time.sleep, 2.0)  # the shared pool's one thread, for three leases' time
+        await asyncio.sleep(1.8)
+        assert rival.claim("rival:1:x") is None  # the lease was renewed meanwhile: nothing to take over
+        await busy
+        image.go.set()
+        for _ in range(500):
+            if store.get(job.job_id).status is Status.complete:
+                break
+            await asyncio.sleep(0.02)
+    finally:
+        await orch.stop()
+    assert store.get(job.job_id).status is Status.complete and store.get(job.job_id).attempt == 1
 
 
 def test_a_cancelled_queued_job_never_starts_and_a_sweep_resumes_after_a_crash(tmp_path, store_url):
