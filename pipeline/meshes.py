@@ -9,12 +9,14 @@ from __future__ import annotations
 import io
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import fast_simplification
 import numpy as np
-import trimesh
 
 from pipeline.errors import StageError
+
+if TYPE_CHECKING:  # imported where used: trimesh brings scipy (about a second), which every process that imports
+    import trimesh  # the service would pay at start-up (BentoML's arbiter and each worker), used or not
 
 # fast-simplification keeps the mesh it works on in module-level C++ state (load, simplify, read back are separate
 # calls), so two threads must never interleave them.
@@ -26,11 +28,14 @@ _DECIMATE_TRIES = 4
 def load_glb(glb: bytes) -> trimesh.Trimesh:
     """One mesh from a GLB, the way trimesh loads it by default (vertices merged): the numbers of the report are
     the ones trimesh gives a client for the same file."""
+    import trimesh
+
     return trimesh.load(io.BytesIO(glb), file_type="glb", force="mesh")
 
 
 def to_glb(mesh: trimesh.Trimesh) -> bytes:
     """Binary glTF with float32 positions and COLOR_0, as runners.triposr.mesh.to_delivery_glb writes it."""
+    import trimesh
     out = trimesh.Trimesh(vertices=np.asarray(mesh.vertices, dtype=np.float32), faces=np.asarray(mesh.faces),
                           vertex_colors=np.asarray(mesh.visual.vertex_colors), process=False)
     buffer = io.BytesIO()
@@ -41,6 +46,8 @@ def to_glb(mesh: trimesh.Trimesh) -> bytes:
 def decimate(mesh: trimesh.Trimesh, face_limit: int) -> trimesh.Trimesh:
     """At most `face_limit` triangles by quadric edge collapse (fast-simplification), vertex colours kept: each
     vertex left gets the mean colour of the vertices collapsed into it (the collapses replayed give that map)."""
+    import fast_simplification
+    import trimesh
     vertices = np.asarray(mesh.vertices, dtype=np.float64)
     faces = np.asarray(mesh.faces, dtype=np.int64)
     colours = np.asarray(mesh.visual.vertex_colors, dtype=np.float64)
@@ -105,6 +112,7 @@ def write_printable(glb_path: Path, out: Path, kind: str) -> None:
     on z = 0, in millimetres. 3MF declares its unit (trimesh writes `unit="millimeter"`, the spec's default); STL
     has none, and millimetres are what every slicer assumes. Colours are not kept (STL has none; slicers read
     3MF's colour extension unevenly). Blocking: run it in a thread."""
+    import trimesh
     try:
         mesh = load_glb(glb_path.read_bytes())
     except Exception as exc:  # trimesh raises many kinds for a damaged file
