@@ -153,9 +153,15 @@ class Api:
 
     def _stream_into(self, f, job_id: str, asset_type: str) -> None:
         try:
-            with self._http.stream("GET", f"/api/asset/{_segment(job_id)}", params={"asset_type": asset_type}) as response:
+            # A server with GROK3D_ASSETS_REDIRECT_S answers 307 to a presigned URL of its object storage; httpx
+            # drops the Authorization header when a redirect leaves the server's origin.
+            with self._http.stream("GET", f"/api/asset/{_segment(job_id)}", params={"asset_type": asset_type},
+                                   follow_redirects=True) as response:
                 if not response.is_success:
                     response.read()
+                    if response.history:  # the storage refused the presigned URL, not the grok3d server
+                        raise CliError(f"the object storage that {self.url} sent the download to answered "
+                                       f"{response.status_code} {response.reason_phrase}", EXIT_UNREACHABLE)
                     raise _refusal(self.url, response, _body(response))
                 for chunk in response.iter_bytes():
                     f.write(chunk)

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trimesh
 
+from grok3d_cli.client import Api
 from pipeline.objectstore import S3AssetStore
 from pipeline.storage import Asset, AssetStore
 from tests.inprocess import AppServer
@@ -156,6 +157,12 @@ def test_downloads_redirect_to_presigned_urls_when_configured(s3, tmp_path):
         assert stl.status_code == 307
         assert httpx.get(stl.headers["location"]).headers["content-type"] == "model/stl"
         assert client.get(f"/api/asset/{job_id}?asset_type=nope").status_code == 400
+        # The grok3d command follows the redirect (its key stays behind: httpx drops it off the server's origin).
+        with Api(app.url, api_key="a-key") as cli:
+            cli.download(job_id, "usdz", tmp_path / "out" / "model.usdz")
+            cli.download(job_id, "stl", tmp_path / "out" / "model.stl")
+        assert (tmp_path / "out" / "model.usdz").read_bytes() == httpx.get(redirect.headers["location"]).content
+        assert (tmp_path / "out" / "model.stl").read_bytes() == httpx.get(stl.headers["location"]).content
 
 
 def test_formats_made_on_request_are_made_once_into_object_storage(s3, tmp_path):
