@@ -93,8 +93,11 @@ $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 		$(VENV)/bin/python -m pip install -q --group kernel-tests; fi
 	touch $@
 
+# Test modules run side by side (pytest-xdist, whole modules per worker so a module's servers start once): most of
+# a module's time is spent waiting on servers, Blender and the browser. TEST_WORKERS=0 runs them one by one.
+TEST_WORKERS ?= 3
 test: .venv $(VENV)/.kernel-tests /usr/bin/chromium postgresql .tools/helm
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes.
 test-fast: .venv
