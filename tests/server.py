@@ -61,7 +61,11 @@ class Server:
 
     def start(self, *, timeout_s: float = 120.0) -> "Server":
         self.launch()
-        self.wait_for(self.ready, timeout_s)
+        try:
+            self.wait_for(self.ready, timeout_s)
+        except BaseException:  # `with Server(...)` never reaches __exit__ then: stop it here, or it outlives the test
+            self.stop()
+            raise
         return self
 
     def launch(self) -> "Server":
