@@ -36,7 +36,7 @@ bentoml_fixes.install()
 
 def _triposr_stage(_settings: Any) -> TripoSRStage:
     return TripoSRStage(bentoml.get_current_service().triposr, max_batch_size=settings.triposr_max_batch_size,
-                        max_latency_s=settings.triposr_max_latency_ms / 1000)
+                        max_latency_s=settings.triposr_max_latency_ms / 1000, url=settings.triposr_url)
 
 
 # BentoML serves Swagger UI's files at /static_content (_bentoml_impl/server/app.py:204-208): our /api/docs uses
@@ -115,14 +115,17 @@ def api_service(triposr_service: type) -> type:
         triposr = triposr_dependency(triposr_service)
 
         async def __is_ready__(self) -> bool:
-            """API.md: ready once the model has loaded or none is configured; while it loads, or if it is broken,
-            503 with the reason (raising gives /readyz that body instead of BentoML's generic one: its readyz awaits
-            this unguarded and answers False with a fixed sentence, _bentoml_impl/server/app.py:440-451). The
-            model's state comes from the TripoSR client's watch: no round trip here."""
+            """API.md: ready once the model has loaded or none is configured; while it loads, if it is broken, or
+            while the TripoSR service of GROK3D_TRIPOSR_URL cannot be reached, 503 with the reason (raising gives
+            /readyz that body instead of BentoML's generic one: its readyz awaits this unguarded and answers False
+            with a fixed sentence, _bentoml_impl/server/app.py:440-451). The model's state comes from the TripoSR
+            client's watch: no round trip here."""
             runtime = getattr(app.state, "runtime", None)
             if runtime is None:
                 raise HTTPException(503, "grok3d is starting")
             status = await runtime.stages.reconstruct.status()
+            if status.unreachable:
+                raise HTTPException(503, f"The TripoSR service cannot be reached ({status.unreachable})")
             if status.state is ModelState.loading:
                 raise HTTPException(503, "The TripoSR model is still loading")
             if status.state is ModelState.failed:

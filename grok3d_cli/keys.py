@@ -1,8 +1,10 @@
 """`grok3d keys create | list | revoke`: API keys, managed on the job store itself (not through the server).
 
-The store is the one that GROK3D_DATA_DIR names (pipeline.settings), as the server's own, so a key made here holds
-at once for every server on that store. Scripts rely on the output's form: `create` prints the new key alone on
-its last line of standard output (and nothing else there), its words go to standard error.
+The store is the one the server's own settings name (pipeline.settings, `Settings.store_url`): GROK3D_DATABASE_URL
+when it is set, else the SQLite file $GROK3D_DATA_DIR/grok3d.db. A key made here holds at once for every server on
+that store; with several replicas the command must run with the replicas' GROK3D_DATABASE_URL. Scripts rely on the
+output's form: `create` prints the new key alone on its last line of standard output (and nothing else there), its
+words go to standard error.
 """
 
 from __future__ import annotations
@@ -14,9 +16,12 @@ EXIT_REFUSED = 1
 
 
 def add_keys_command(commands: argparse._SubParsersAction) -> None:
-    keys = commands.add_parser("keys", help="manage API keys (on this machine's job store)",
-                               description="Create, list and revoke API keys in the job store that "
-                                           "GROK3D_DATA_DIR names (default ./data).")
+    keys = commands.add_parser("keys", help="manage API keys (on the job store itself, no server needed)",
+                               description="Create, list and revoke API keys in the job store itself (no server "
+                                           "needs to run): the one GROK3D_DATABASE_URL names when it is set, else "
+                                           "the SQLite file $GROK3D_DATA_DIR/grok3d.db (default ./data/grok3d.db). "
+                                           "With several replicas, run it with the replicas' GROK3D_DATABASE_URL, "
+                                           "or inside a replica's container (python -m grok3d_cli keys ...).")
     actions = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="make a key; it is printed once, on the last line")
     create.add_argument("--name", required=True, help="who or what the key is for; unique")

@@ -10,7 +10,8 @@
   resumable, and no file outlives its row.
 - The sweeper runs at start-up and every GROK3D_SWEEP_INTERVAL_S in every process (its steps are idempotent, so
   replicas may overlap): it marks finished jobs older than GROK3D_RETENTION_DAYS, once their webhook has settled,
-  finishes every marked job, removes orphan folders, and drops idempotency keys past their 24 hours.
+  finishes every marked job, removes orphan folders, drops idempotency keys past their 24 hours, and removes the
+  local scratch copies that processes which have ended left behind (object storage: pipeline/objectstore.py).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class SweepReport:
     purged: int
     orphans: int
     keys: int
+    scratch: int = 0  # scratch folders of ended processes (or staged files of a crash) removed
 
 
 class Lifecycle:
@@ -132,9 +134,10 @@ class Lifecycle:
         while True:
             try:
                 report = await asyncio.to_thread(self.sweep)
-                if report.expired or report.purged or report.orphans:
-                    log.info("sweep: %d jobs expired, %d removed with their files, %d orphan folders removed",
-                             report.expired, report.purged, report.orphans)
+                if report.expired or report.purged or report.orphans or report.scratch:
+                    log.info("sweep: %d jobs expired, %d removed with their files, %d orphan folders removed, "
+                             "%d leftovers of ended processes removed",
+                             report.expired, report.purged, report.orphans, report.scratch)
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -152,7 +155,15 @@ class Lifecycle:
             purged += done
             if done == 0:
                 break  # only folders that cannot be removed are left: logged, and tried again next time
-        return SweepReport(expired, purged, self._remove_orphans(), self.store.drop_expired_keys())
+        return SweepReport(expired, purged, self._remove_orphans(), self.store.drop_expired_keys(),
+                           self._remove_stale_temporaries())
+
+    def _remove_stale_temporaries(self) -> int:
+        try:
+            return self.assets.remove_stale_temporaries()
+        except OSError as exc:  # local leftovers: never a reason to stop the sweep
+            log.error("sweep: scratch leftovers could not be removed (%s); the next sweep tries again", exc)
+            return 0
 
     def _remove_orphans(self) -> int:
         """Job folders without a row: left by a crash between a row's removal and its folder's (not possible in

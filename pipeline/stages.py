@@ -42,6 +42,8 @@ class ModelStatus:
     state: ModelState
     version: str | None = None  # e.g. "triposr:abc123" or "folder:name@0123456789ab"
     detail: str | None = None  # why it is missing or failed, for /readyz and the log
+    # The TripoSR service's URL while it cannot be reached (GROK3D_TRIPOSR_URL; state `loading`: jobs wait for it).
+    unreachable: str | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ Two asset stores share one narrow interface (`AssetStore` below is the folder; `
 the S3-compatible object store), chosen by GROK3D_ASSETS_URL through `open_asset_store`. What callers may use:
 `has`, `write`, `read`, `stat`, `read_range`, `local_path` (None off the local disk), `scratch_path` + `publish_file`
 (a producer such as Blender writes a local file, then it is published whole), `local_copy` (a local file to read,
-for a producer that needs a path), `remove_temporaries`, `delete_job`, `presign`."""
+for a producer that needs a path), `remove_temporaries`, `remove_stale_temporaries` (the sweep's), `delete_job`,
+`presign`."""
 
 from __future__ import annotations
 
@@ -184,14 +185,22 @@ class AssetStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, path)
 
-    def _remove_stale_staged(self) -> None:
+    def _remove_stale_staged(self) -> int:
         """Staged files a crash left between staging and adoption (another process may be staging right now)."""
+        removed = 0
         for staged in self.root.glob(f"{STAGED_PREFIX}*"):
             try:
                 if time.time() - staged.stat().st_mtime > STAGED_MAX_AGE_S:
                     staged.unlink()
+                    removed += 1
             except FileNotFoundError:
                 pass
+        return removed
+
+    def remove_stale_temporaries(self) -> int:
+        """The sweep's: staged files a crash left (a producer's temporary files are in its job's folder, removed
+        when the job resumes or goes)."""
+        return self._remove_stale_staged()
 
     def job_dir(self, job_id: str) -> Path:
         if not is_job_id(job_id):  # the only guard between a URL and the file system

@@ -5,9 +5,15 @@ made on request included (the real Blender pool for OBJ and the preview)."""
 from __future__ import annotations
 
 import io
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -18,7 +24,7 @@ from pipeline.objectstore import S3AssetStore
 from pipeline.storage import Asset, AssetStore
 from tests.inprocess import AppServer
 from tests.s3 import S3Server
-from tests.server import wait_job
+from tests.server import ROOT, wait_job
 
 JOB = "0123abcd"
 
@@ -207,4 +213,89 @@ def test_formats_made_on_request_are_made_once_into_object_storage(s3, tmp_path)
         log = app.log()
         for kind in ("stl", "obj", "3mf", "preview"):
             assert len(re.findall(rf"{job_id} {kind} made in", log)) == 1, kind
-    assert not [p for p in (tmp_path / "scratch").rglob("*") if p.is_file()]  # no scratch copy outlives its use
+    assert scratch_leftovers(tmp_path / "scratch") == []  # no scratch copy outlives its use
+
+
+def scratch_leftovers(scratch: Path) -> list[str]:
+    """What is in a scratch folder besides the process folders and their lock files (pipeline/objectstore.py)."""
+    return sorted(str(p.relative_to(scratch)) for p in scratch.rglob("*")
+                  if not (p.is_dir() and p.name.startswith("proc-")) and p.name != ".lock")
+
+
+# A process that makes a scratch copy and waits to be killed (the conversion of a replica that is killed).
+HOLDER = """
+import sys, time
+from pathlib import Path
+from pipeline.objectstore import S3AssetStore
+from pipeline.storage import Asset
+store = S3AssetStore.from_url(sys.argv[1], endpoint=sys.argv[2], scratch=Path(sys.argv[3]))
+copy = store.scratch_path("0123abcd", Asset.glb)
+copy.write_bytes(b"half a mesh")
+print(copy, flush=True)
+time.sleep(120)
+"""
+
+
+def test_scratch_copies_go_with_their_use_and_a_killed_process_s_with_the_sweep(s3, tmp_path, monkeypatch):
+    """S3 mode: a job leaves nothing in scratch once a copy's use ends, and a copy whose process was killed goes
+    with the next sweep, never one of a process that is alive, even one that shares the folder."""
+    env = s3.env(s3.new_bucket())
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    scratch = tmp_path / "scratch"
+    store = S3AssetStore.from_url(env["GROK3D_ASSETS_URL"], endpoint=s3.endpoint, scratch=scratch)
+    store.write(JOB, Asset.glb, b"the mesh")
+    with store.local_copy(JOB, Asset.glb) as glb:
+        assert glb.read_bytes() == b"the mesh" and glb.is_relative_to(scratch)
+    tmp = store.scratch_path(JOB, Asset.usdz)
+    tmp.write_bytes(b"a usdz")
+    store.publish_file(JOB, Asset.usdz, tmp)
+    assert scratch_leftovers(scratch) == []  # no folder per job, no file
+
+    # Another process on the same scratch folder, killed in the middle of its conversion.
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, env["GROK3D_ASSETS_URL"], s3.endpoint, str(scratch)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **env}, cwd=ROOT)
+    try:
+        held = Path(holder.stdout.readline().strip())
+        assert held.read_bytes() == b"half a mesh"
+        assert store.remove_stale_temporaries() == 0 and held.exists()  # alive: its copy is in use
+        os.kill(holder.pid, signal.SIGKILL)
+    finally:
+        holder.kill()
+        holder.wait(10)
+    # What earlier versions left: a folder per job, empty or with a copy of a killed conversion.
+    (scratch / "89abcdef").mkdir()
+    stale = scratch / "fedcba98" / ".model.1234abcd.tmp.glb"
+    stale.parent.mkdir()
+    stale.write_bytes(b"old")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    mine = store.scratch_path(JOB, Asset.stl)
+    mine.write_bytes(b"in use")
+    assert store.remove_stale_temporaries() == 3
+    assert not held.parent.exists() and not stale.parent.exists() and not (scratch / "89abcdef").exists()
+    assert mine.read_bytes() == b"in use"  # this process's own copy stays while in use
+    store.remove_temporaries(JOB)
+    assert not mine.exists() and scratch_leftovers(scratch) == []
+
+
+def test_a_replica_on_object_storage_leaves_no_scratch_behind(s3, tmp_path):
+    """A whole job and its deletion leave nothing in the replica's scratch folder, and what a killed replica left
+    there goes at start-up."""
+    env = {**s3.env(s3.new_bucket()), "GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
+    scratch = tmp_path / "scratch"
+    dead = scratch / "proc-0123456789ab"  # the folder of a replica killed mid-conversion: its lock is free
+    dead.mkdir(parents=True)
+    (dead / ".lock").touch()
+    (dead / "0123abcd.model.1234abcd.tmp.glb").write_bytes(b"half")
+    with AppServer(tmp_path, env) as app, httpx.Client(base_url=app.url) as client:
+        deadline = time.monotonic() + 10
+        while dead.exists() and time.monotonic() < deadline:  # the sweep at start-up, in the background
+            time.sleep(0.05)
+        assert not dead.exists()
+        job_id = client.post("/api/generate", json={"prompt": "a cube"}).json()["job_id"]
+        assert wait_job(client, job_id)["status"] == "complete"
+        assert client.get(f"/api/asset/{job_id}", params={"asset_type": "stl"}).status_code == 200
+        assert scratch_leftovers(scratch) == []
+        assert client.delete(f"/api/jobs/{job_id}").status_code == 204
+        assert scratch_leftovers(scratch) == []

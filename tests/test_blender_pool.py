@@ -121,7 +121,8 @@ async def test_too_many_faces_is_refused(pool: BlenderPool, work: Path) -> None:
     sphere = trimesh.creation.icosphere(subdivisions=7, radius=0.25)  # 327,680 faces > the pool's 150,000
     sphere.visual.vertex_colors = np.tile([200, 80, 40, 255], (len(sphere.vertices), 1)).astype(np.uint8)
     glb = write_glb(sphere, work / "many-faces.glb")
-    with pytest.raises(StageError, match="too many faces"):
+    with pytest.raises(StageError, match=r"too many faces \(327680, at most 150000\); ask for a face_limit of at "
+                                         r"most 150000, or a lower resolution\."):
         await pool.convert(glb, work / "many-faces.usdz")
     assert (await pool.ping()).counts == EMPTY
 

@@ -110,6 +110,23 @@ def test_keys_create_prints_the_key_alone_on_its_last_line_then_list_and_revoke(
     assert missing.returncode == 1 and missing.stderr.strip() == "grok3d: no key named 'nobody'"
 
 
+def test_keys_work_on_the_store_that_GROK3D_DATABASE_URL_names(tmp_path):
+    """With GROK3D_DATABASE_URL set (the replicas' shared store), `grok3d keys` works on that store, not on the
+    data folder's SQLite file (an SQLite URL elsewhere here; PostgreSQL's is the same setting)."""
+    shared = sqlite_url(tmp_path / "shared.db")
+    base = {k: v for k, v in os.environ.items() if k not in ("GROK3D_SERVER", "GROK3D_API_KEY")}
+    env = {**base, "GROK3D_DATA_DIR": str(tmp_path / "data"), "GROK3D_DATABASE_URL": shared}
+    made = subprocess.run([sys.executable, "-m", "grok3d_cli", "keys", "create", "--name", "replica-ops"], cwd=ROOT,
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    store = JobStore(shared)
+    try:
+        assert [k.name for k in KeyStore(store).list()] == ["replica-ops"]
+    finally:
+        store.close()
+    assert not (tmp_path / "data" / "grok3d.db").exists()
+
+
 # -- 401 ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("authorization", [None, "", "Basic dXNlcjpwYXNz", "Bearer", "Bearer =abc", "Bearer a b",

@@ -6,11 +6,13 @@ TripoSR worker nor torch; batching, the typed answers and the model version work
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
 
 from runners.triposr.loading import write_random_checkpoint
-from tests.server import Server, wait_job
+from tests.server import Server, free_port, wait_job
 
 REMOTE_VERSION = "standin:remote-7"
 
@@ -27,8 +29,11 @@ def standin(tmp_path_factory):
 
 
 def api_env(triposr: Server) -> dict[str, str]:
-    return {"GROK3D_TRIPOSR_URL": triposr.url, "GROK3D_STAGES": "tests.stages:real_model",
-            "XAI_API_KEY": "test-key"}
+    return api_env_for(triposr.url)
+
+
+def api_env_for(url: str) -> dict[str, str]:
+    return {"GROK3D_TRIPOSR_URL": url, "GROK3D_STAGES": "tests.stages:real_model", "XAI_API_KEY": "test-key"}
 
 
 def test_an_api_replica_uses_a_triposr_service_elsewhere(standin, tmp_path):
@@ -65,3 +70,15 @@ def test_the_real_triposr_service_over_the_network(tmp_path):
     assert done["status"] == "complete", done
     assert done["model_version"].startswith("folder:tiny@")
     assert glb.content[:4] == b"glTF"
+
+
+def test_an_api_replica_says_when_its_triposr_service_cannot_be_reached(tmp_path):
+    """A TripoSR service that is down (killed, or the wrong URL): the API replica's /readyz names it, rather than
+    calling the model still loading, and jobs are still accepted (they wait for the service)."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens here
+    with Server(tmp_path, api_env_for(url)) as api, httpx.Client(base_url=api.url, timeout=30) as client:
+        deadline = time.monotonic() + 30
+        while "cannot be reached" not in (ready := client.get("/readyz")).text and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert ready.status_code == 503 and f"The TripoSR service cannot be reached ({url})" in ready.text, ready.text
+        assert client.post("/api/generate", json={"prompt": "a box"}).status_code == 200

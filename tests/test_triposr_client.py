@@ -30,8 +30,44 @@ async def test_a_status_call_that_hangs_reads_as_loading_and_status_never_waits(
         status = await stage.status()
         assert time.monotonic() - began < 0.05  # answered from the watch, no round trip
         assert status.state is ModelState.loading and "not answering" in status.detail
+        assert status.unreachable is None  # on one machine: the TripoSR worker is busy starting
     finally:
         await stage.aclose()
+
+
+class Refuses:
+    """A TripoSR service that is down: its status call is a real HTTP connection to a port nobody listens on (the
+    aiohttp error BentoML's HTTP client raises then)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    async def status(self) -> dict:
+        import aiohttp
+
+        async with aiohttp.ClientSession() as session, session.post(f"{self.url}/status") as answer:
+            return await answer.json()
+
+
+async def test_a_triposr_service_elsewhere_that_cannot_be_reached_says_so():
+    """GROK3D_TRIPOSR_URL naming a service that is down (killed, or a wrong URL) reads as unreachable, with the URL;
+    on one machine (no URL) the same refusal is the TripoSR worker still starting, and reads as loading."""
+    from tests.server import free_port
+
+    url = f"http://127.0.0.1:{free_port()}"
+    remote = client.TripoSRStage(SimpleNamespace(to_async=Refuses(url)), max_batch_size=4, max_latency_s=10, url=url)
+    local = client.TripoSRStage(SimpleNamespace(to_async=Refuses(url)), max_batch_size=4, max_latency_s=10)
+    await remote.start()
+    await local.start()
+    try:
+        status = await remote.status()
+        assert status.state is ModelState.loading and status.unreachable == url, status
+        assert "Connect" in status.detail  # aiohttp's ClientConnectorError, for the log
+        status = await local.status()
+        assert status.state is ModelState.loading and status.unreachable is None and "not answering" in status.detail
+    finally:
+        await remote.aclose()
+        await local.aclose()
 
 
 async def test_the_window_grows_by_one_on_quick_answers_and_halves_on_slow_ones():

@@ -63,5 +63,6 @@ def check_glb(path: Path, max_bytes: int, max_faces: int) -> int:
     if faces == 0:
         raise StageError("The 3D model file contains no geometry.")
     if faces > max_faces:
-        raise StageError(f"The 3D model has too many faces ({faces}, at most {max_faces}).")
+        raise StageError(f"The 3D model has too many faces ({faces}, at most {max_faces}); ask for a "
+                         f"face_limit of at most {max_faces}, or a lower resolution.")
     return faces

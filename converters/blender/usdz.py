@@ -75,7 +75,8 @@ def import_glb(glb_path: Path, max_faces: int) -> bpy.types.Object:
         raise ConversionError("The 3D model file contains no geometry.")
     faces = sum(len(o.data.polygons) for o in meshes)
     if faces > max_faces:
-        raise ConversionError(f"The 3D model has too many faces ({faces}, at most {max_faces}).")
+        raise ConversionError(f"The 3D model has too many faces ({faces}, at most {max_faces}); ask for a "
+                              f"face_limit of at most {max_faces}, or a lower resolution.")
     obj = _join(meshes)
     obj.data.shade_smooth()  # TripoSR's GLB has no normals: without this the import is faceted
     return obj

@@ -1,7 +1,9 @@
 """The orchestrator's side of the TripoSR service: `pipeline.stages.Reconstructor` over a BentoML dependency.
 
 - The model's state is watched in the background (`start`), so neither a submission nor `/readyz` waits on a round
-  trip to the service: `status()` answers from what the watch last saw.
+  trip to the service: `status()` answers from what the watch last saw. A service of its own (GROK3D_TRIPOSR_URL)
+  that refuses the connection or does not answer in time reads as `unreachable` (its URL), not as a model still
+  loading: on one machine the TripoSR worker is only starting then, elsewhere it may be down or the URL wrong.
 - Backpressure: BentoML's batcher sheds a request ("process is overloaded") once its predicted latency passes the
   batching budget (`bentoml/_internal/marshal/dispatcher.py`, `CorkDispatcher.controller`: the oldest request is
   cancelled when `w0 + a*n + b >= max_latency`). So this client sends no more pictures at once than the service
@@ -64,8 +66,9 @@ class Window:
 
 
 class TripoSRStage:
-    def __init__(self, service: Any, *, max_batch_size: int, max_latency_s: float) -> None:
+    def __init__(self, service: Any, *, max_batch_size: int, max_latency_s: float, url: str | None = None) -> None:
         self._service = service  # the bentoml.depends proxy of runners.triposr.service.TripoSRService
+        self._url = url  # GROK3D_TRIPOSR_URL: the service runs elsewhere (None: beside this one, same `bentoml serve`)
         self._budget_s = max_latency_s
         # Two full batches: the one running and the one forming, which is what the batcher can hold in budget.
         self._window = Window(2 * max_batch_size)
@@ -94,14 +97,25 @@ class TripoSRStage:
 
     async def _watch_status(self) -> None:
         while True:
-            self._status = await self._ask_status()
+            status = await self._ask_status()
+            if status.unreachable and not self._status.unreachable:
+                log.warning("The TripoSR service cannot be reached (%s): %s", status.unreachable, status.detail)
+            elif self._status.unreachable and not status.unreachable:
+                log.info("The TripoSR service at %s answers again (model %s)", self._status.unreachable,
+                         status.state.value)
+            self._status = status
             self._first_answer.set()
             await asyncio.sleep(WATCH_READY_S if self._status.state is ModelState.ready else WATCH_LOADING_S)
 
     async def _ask_status(self) -> ModelStatus:
         try:
             answer = await asyncio.wait_for(self._service.to_async.status(), STATUS_TIMEOUT_S)
-        except (BentoMLException, aiohttp.ClientError, TimeoutError, RuntimeError) as exc:
+        except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+            if self._url is not None:  # refused, reset, no route, or no answer within STATUS_TIMEOUT_S
+                reason = f"no answer within {STATUS_TIMEOUT_S:g} s" if isinstance(exc, TimeoutError) else repr(exc)
+                return ModelStatus(ModelState.loading, detail=reason, unreachable=self._url)
+            return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc!r})")
+        except (BentoMLException, aiohttp.ClientError, RuntimeError) as exc:
             return ModelStatus(ModelState.loading, detail=f"the TripoSR service is not answering yet ({exc!r})")
         return ModelStatus(ModelState(answer["state"]), answer.get("version"), answer.get("detail"))
 
