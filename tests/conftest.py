@@ -2,7 +2,7 @@
 - the `slow` marker: `make test-fast` (pytest -m "not slow") runs the rest in under two minutes for the edit-test
   loop; `make test` runs everything. Slow is what starts a real `bentoml serve`, Blender, a browser, PostgreSQL's
   replicas or an official-size model: whole modules, listed here (one place, so a new module of that kind is marked
-  by adding its name); they run first;
+  by adding its name);
 - one PostgreSQL server and one S3 server per test session (per worker under `make test`), each started when a test
   first asks for it, and the job store's two engines as a parameter.
 """
@@ -32,17 +32,10 @@ SLOW_MODULES = {
 }
 
 
-def _is_slow(item: pytest.Item) -> bool:
-    return item.module is not None and item.module.__name__.rpartition(".")[2] in SLOW_MODULES
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if _is_slow(item):
+        if item.module is not None and item.module.__name__.rpartition(".")[2] in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
-    # Slow modules first (each module keeps its order): `make test` hands whole modules to its workers in this
-    # order, and a long module handed out last would leave the other workers idle at the end.
-    items.sort(key=lambda item: not _is_slow(item))
 
 
 ENGINES = ("sqlite", "postgresql")
