@@ -159,11 +159,15 @@ def _arg(p: psutil.Process, flag: str) -> str | None:
     return args[args.index(flag) + 1] if flag in args[:-1] else None
 
 
-def wait_job(client: httpx.Client, job_id: str, *, timeout_s: float = 60.0, until=("complete", "error")) -> dict:
+def wait_job(client: httpx.Client, job_id: str, *, timeout_s: float = 60.0, until=("complete", "error"),
+             interval_s: float = 0.1, stages: list[str] | None = None) -> dict:
+    """Poll a job's status until it is in `until`; `stages` collects the stage of every answer seen."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         body = client.get(f"/api/status/{job_id}").json()
+        if stages is not None:
+            stages.append(body["stage"])
         if body["status"] in until:
             return body
-        time.sleep(0.1)
+        time.sleep(interval_s)
     raise TimeoutError(f"job {job_id} still {body}")

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import io
 import re
-import time
 import zipfile
 
 import httpx
 from PIL import Image
 
-from tests.server import Server, free_port
+from tests.server import Server, free_port, wait_job
 
 ORDER = ["initializing", "generating_image", "generating_3d", "converting_usdz", "complete"]
 
@@ -25,14 +24,8 @@ def test_make_dev_runs_a_job_through_every_stage(tmp_path):
     with srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         prompt = "a small {curly} teapot"
         job_id = c.post("/api/generate", json={"prompt": prompt}).json()["job_id"]
-        seen = []
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            body = c.get(f"/api/status/{job_id}").json()
-            seen.append(body["stage"])
-            if body["status"] in ("complete", "error"):
-                break
-            time.sleep(0.2)
+        seen: list[str] = []
+        body = wait_job(c, job_id, timeout_s=240, interval_s=0.2, stages=seen)
         assert body["status"] == "complete", (body, srv.log()[-3000:])
         ranks = [ORDER.index(s) for s in seen]
         assert ranks == sorted(ranks)

@@ -12,7 +12,7 @@ from pipeline.db import sqlite_url
 from pipeline.jobs import JobStore
 from pipeline.keys import KeyStore
 from tests.server import Server
-from tests.test_page import STAGE_SLEEP_S, Tab, browser, count_loads  # noqa: F401 (browser: the shared fixture)
+from tests.test_page import STAGE_SLEEP_S, browser, count_loads, tab  # noqa: F401 (browser, tab: shared fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +31,6 @@ def key(server) -> str:
         return KeyStore(store).create("browser")[1]
     finally:
         store.close()
-
-
-@pytest.fixture()
-def tab(browser, server) -> Iterator[Tab]:
-    t = Tab(browser, server)
-    yield t
-    t.context.close()
-    assert t.errors == [], t.errors
 
 
 def test_the_page_asks_for_the_key_then_runs_a_job_with_it(tab, server, key):

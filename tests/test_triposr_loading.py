@@ -227,23 +227,28 @@ print(tag, load_model("triposr:latest").cfg.plane_size)
     assert tag.startswith("triposr:") and plane == "4"
 
 
-def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
-    """The service's batch function answers item by item: the other pictures of the batch still get their GLB."""
+
+def _block_png() -> bytes:
+    """A 64x64 PNG: a red block on grey."""
     import io
 
     import numpy as np
     from PIL import Image
 
+    pixels = np.full((64, 64, 3), 128, np.uint8)
+    pixels[12:50, 16:44] = (200, 60, 90)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+def test_a_picture_that_does_not_decode_fails_alone_in_its_batch():
+    """The service's batch function answers item by item: the other pictures of the batch still get their GLB."""
     from runners.triposr.inference import reconstruct_encoded
     from runners.triposr.loading import random_model
     from runners.triposr.wire import Failure
 
     model = random_model("tiny", seed=0)
-    pixels = np.full((64, 64, 3), 128, np.uint8)
-    pixels[12:50, 16:44] = (200, 60, 90)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    good = buf.getvalue()
+    good = _block_png()
     knobs = {"resolution": 24, "threshold": 0.5, "size_m": 0.5}
     alone = reconstruct_encoded(model, [good], **knobs)
     mixed = reconstruct_encoded(model, [b"not a picture", good, good[:40]], **knobs)
@@ -257,19 +262,13 @@ def test_pictures_of_different_resolutions_share_a_batch():
     the one its picture gets alone at its own resolution."""
     import io
 
-    import numpy as np
     import trimesh
-    from PIL import Image
 
     from runners.triposr.inference import reconstruct_encoded
     from runners.triposr.loading import random_model
 
     model = random_model("tiny", seed=0)
-    pixels = np.full((64, 64, 3), 128, np.uint8)
-    pixels[12:50, 16:44] = (200, 60, 90)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "PNG")
-    good = buf.getvalue()
+    good = _block_png()
     knobs = {"threshold": 0.5, "size_m": 0.5}
     coarse, fine = (reconstruct_encoded(model, [good], resolution=r, **knobs)[0] for r in (16, 32))
     assert reconstruct_encoded(model, [good, good, good], resolution=[32, 16, 32], **knobs) == [fine, coarse, fine]

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.server import free_port
+from tests.server import free_port, wait_job
 
 pytestmark = pytest.mark.skipif(os.environ.get("GROK3D_CONTAINER_TESTS") != "1",
                                 reason="builds and runs the container image: make test-container")
@@ -194,13 +194,8 @@ def job(first, xai_url) -> dict:
         r = c.post("/api/generate", json={"prompt": "a red teapot"})
         assert r.status_code == 200, r.text
         job_id = r.json()["job_id"]
-        seen, deadline = [], time.monotonic() + 300
-        while time.monotonic() < deadline:
-            body = c.get(f"/api/status/{job_id}").json()
-            seen.append(body["stage"])
-            if body["status"] in ("complete", "error"):
-                break
-            time.sleep(0.5)
+        seen: list[str] = []
+        body = wait_job(c, job_id, timeout_s=300, interval_s=0.5, stages=seen)
         assert body["status"] == "complete", (body, first.logs()[-5000:])
         assets = {kind: c.get(f"/api/asset/{job_id}", params={"asset_type": kind}) for kind in MAGIC}
     return {"id": job_id, "status": body, "stages": seen, "assets": assets}
