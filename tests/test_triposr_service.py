@@ -46,6 +46,11 @@ def _jobs(srv: Server, prompts: list[str], concurrent: bool) -> list[dict]:
                 for p in prompts]
 
 
+def maps_torch(srv: Server) -> bool:
+    """Whether the TripoSR worker has PyTorch's library mapped: imported torch, that is."""
+    return "libtorch" in Path(f"/proc/{srv.worker('triposr').pid}/maps").read_text()
+
+
 def _glb(srv: Server, job_id: str) -> bytes:
     r = httpx.get(f"{srv.url}/api/asset/{job_id}", params={"asset_type": "glb"})
     assert r.status_code == 200
@@ -66,6 +71,7 @@ def test_batches_form_and_every_answer_equals_the_one_at_a_time_answer(tiny, tmp
         together_glbs = [_glb(srv, j["job_id"]) for j in together]
         log = srv.log()
         metrics = httpx.get(srv.url + "/metrics").text
+        assert maps_torch(srv)  # what the worker without a checkpoint is spared (test below)
     assert all(glb[:4] == b"glTF" for glb in alone_glbs)
     assert together_glbs == alone_glbs * 2  # byte for byte: batching changes nothing in the result
     sizes = [int(n) for n in re.findall(r"TripoSR batch of (\d+)", log)]
@@ -157,6 +163,8 @@ def test_without_any_checkpoint_the_service_is_ready_and_generate_is_503(tmp_pat
         assert_error(c.post("/api/generate", json={"prompt": "cat"}), 503,
                      "The 3D model is not loaded: import a TripoSR checkpoint (make import-model)")
         assert c.get("/api/asset/ex_robot-mascot", params={"asset_type": "glb"}).status_code == 200
+        # Nothing to load, so nothing of PyTorch: it said "missing" without importing torch.
+        assert not maps_torch(srv)
 
 
 def test_bentoml_build_packs_the_model_the_service_names(tiny, tmp_path):

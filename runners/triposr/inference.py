@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image as PILImage
 
-from runners.triposr.loading import ModelLoadError, load_model as load_source, model_version, resolve_source
+from runners.triposr.loading import load_model as load_source, model_version
 from runners.triposr.mesh import extract_meshes, to_delivery_glb
 from runners.triposr.precision import number_format, resolve as resolve_precision
+from runners.triposr.sources import find
 from runners.triposr.wire import Failure
 
 if TYPE_CHECKING:
@@ -24,21 +24,13 @@ if TYPE_CHECKING:
     from runners.triposr.model import TripoSR
 
 
-class ModelNotFound(Exception):
-    """No checkpoint where TRIPOSR_MODEL points: the service runs without a model (API.md's 503)."""
-
-
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_model(source: str, device: str | None = None) -> tuple[TripoSR, str]:
     """(model, version). ModelNotFound when nothing is there; ModelLoadError when something broken is."""
-    if not Path(source).exists():
-        try:
-            resolve_source(source)  # a store tag or a hub id: is it there at all?
-        except ModelLoadError as exc:
-            raise ModelNotFound(f"{exc}. Import a checkpoint with `make import-model SRC=...`") from None
+    find(source)
     model = load_source(source, device=device or default_device())
     return model, model_version(source)
 

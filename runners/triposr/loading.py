@@ -1,7 +1,6 @@
-"""Where a TripoSR checkpoint comes from and how it becomes a model.
+"""How a TripoSR checkpoint becomes a model.
 
-A source is, in this order: an existing folder (config.yaml + model.ckpt), a BentoML model-store tag
-(`name:version`), or a Hugging Face repo id (`org/name`, optionally `org/name@revision`). Loading is strict: every
+Where it is (a folder, a BentoML model-store tag, a Hugging Face repo id) is sources.py's part. Loading is strict: every
 key of the checkpoint must match the network built from config.yaml, name and shape. Also here: the version string
 a job records (`model_version`) and seeded random checkpoints in the official layout (`write_random_checkpoint`).
 """
@@ -20,14 +19,11 @@ import torch
 import yaml
 
 from runners.triposr.model import TripoSR, TripoSRConfig, ViTConfig
-from runners.triposr.wire import is_store_tag
+from runners.triposr.sources import (CONFIG_FILE, DINO_VITB16, WEIGHTS_FILE, ModelLoadError, bento_model,
+                                     resolve_source, vit_folder_name)
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.ckpt"
-DINO_VITB16 = "facebook/dino-vitb16"  # built in: ViTConfig() holds its config.json's values
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
 _REF = re.compile(r"\$\{([\w.]+)\}")
 
 # The classes the official config.yaml names (upstream d26e331's tsr/ modules): any other class cannot be built by this implementation.
@@ -61,10 +57,6 @@ _KEYS: dict[str, tuple[str, type, Any]] = {
     "renderer.density_activation": ("density_activation", str, "trunc_exp"),
     "renderer.feature_reduction": ("feature_reduction", str, "concat"),
 }
-
-
-class ModelLoadError(RuntimeError):
-    """A model source cannot be turned into a model; the message names the file (or source) and the problem."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -213,58 +205,6 @@ def load_folder(folder: str | Path, device: str | torch.device = "cpu") -> Tripo
     return build_model(cfg, read_checkpoint(path), str(path)).to(device)
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Sources: folder, BentoML tag, Hugging Face repo id
-# ---------------------------------------------------------------------------------------------------------
-def _bento_model(tag: str) -> Any:
-    import bentoml  # lazy: importing BentoML is slow and the model itself does not need it
-
-    try:
-        return bentoml.models.get(tag)
-    except Exception as e:  # bentoml.exceptions.NotFound and friends
-        raise ModelLoadError(f"BentoML model {tag!r}: not in the model store ({e})") from None
-
-
-def _hf_snapshot(source: str, vit_folder: str | None = None) -> Path:
-    """Download (or find in the cache) config.yaml and model.ckpt of a Hugging Face repo; -> the snapshot folder."""
-    from huggingface_hub import hf_hub_download
-
-    repo, _, revision = source.partition("@")
-    try:
-        config = Path(hf_hub_download(repo, CONFIG_FILE, revision=revision or None))
-        hf_hub_download(repo, WEIGHTS_FILE, revision=revision or None)
-        if vit_folder:
-            hf_hub_download(repo, f"{vit_folder}/config.json", revision=revision or None)
-    except Exception as e:  # offline without cache, unknown repo, gated repo without a token
-        raise ModelLoadError(f"Hugging Face repo {source!r}: cannot get {CONFIG_FILE}/{WEIGHTS_FILE} ({e})") from None
-    return config.parent
-
-
-def _vit_folder_name(folder: Path) -> str | None:
-    try:
-        raw = yaml.safe_load((folder / CONFIG_FILE).read_text())
-        name = raw["image_tokenizer"]["pretrained_model_name_or_path"]
-    except Exception:
-        return None  # read_config reports the problem with the file's name
-    return None if name == DINO_VITB16 else str(name)
-
-
-def resolve_source(source: str | Path) -> tuple[Path, str]:
-    """-> (a local folder holding config.yaml + model.ckpt, the kind of source: folder | bentoml | hf)."""
-    text = str(source)
-    if Path(text).is_dir():
-        return Path(text), "folder"
-    if is_store_tag(text):
-        return Path(_bento_model(text).path), "bentoml"
-    if _HF_ID.match(text) and not text.startswith((".", "/")):
-        folder = _hf_snapshot(text)
-        vit = _vit_folder_name(folder)
-        if vit:
-            folder = _hf_snapshot(text, vit)
-        return folder, "hf"
-    raise ModelLoadError(f"model source {text!r}: not a folder, a BentoML tag (name:version) or a Hugging Face repo id")
-
-
 def load_model(source: str | Path, device: str | torch.device = "cpu") -> TripoSR:
     folder, _ = resolve_source(source)
     return load_folder(folder, device)
@@ -284,7 +224,7 @@ def model_version(source: str | Path) -> str:
     text = str(source)
     folder, kind = resolve_source(source)
     if kind == "bentoml":
-        return str(_bento_model(text).tag)
+        return str(bento_model(text).tag)
     if kind == "hf":
         repo, _, revision = text.partition("@")
         return f"hf:{repo}@{(revision or folder.name)[:12]}"
@@ -314,7 +254,7 @@ def read_config_text(text: str, vit: ViTConfig) -> TripoSRConfig:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         (folder / CONFIG_FILE).write_text(text)
-        name = _vit_folder_name(folder)
+        name = vit_folder_name(folder)
         if name:
             (folder / name).mkdir(parents=True)
             (folder / name / "config.json").write_text(json.dumps(vit.__dict__))

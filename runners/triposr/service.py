@@ -17,6 +17,7 @@ import bentoml
 from pipeline import lifeline
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
+from runners.triposr import sources
 from runners.triposr.wire import Picture, ReconstructAnswer, is_store_tag
 
 log = logging.getLogger("grok3d.triposr")
@@ -71,7 +72,9 @@ class TripoSRService:
     def _load(self) -> None:
         began = time.monotonic()
         try:
-            from runners.triposr.inference import ModelNotFound, load_model
+            # Where the checkpoint is, first: without one, the worker says so without importing torch.
+            sources.find(_SOURCE)
+            from runners.triposr.inference import load_model
 
             from runners.triposr import fused
             from runners.triposr.precision import resolve
@@ -83,7 +86,7 @@ class TripoSRService:
             log.info("TripoSR %s loaded from %s on %s in %.1f s (precision %s, fused density grid %s)",
                      self.version, _SOURCE, self.model.device, time.monotonic() - began,
                      settings.triposr_precision, fused.state(self.model.device))
-        except ModelNotFound as exc:
+        except sources.ModelNotFound as exc:
             self.state, self.detail = "missing", str(exc)
             log.warning("No TripoSR model: %s", exc)
         except Exception as exc:  # a corrupt or wrong checkpoint: the service stays up and says why
