@@ -27,8 +27,8 @@ SLOW_MODULES = {
     "test_page",
     # real Blender
     "test_blender_convert", "test_blender_examples", "test_blender_pool", "test_blender_texbake",
-    # the official-size model (419 M parameters), or Triton's interpreter
-    "test_triposr_official", "test_triposr_fused", "test_triposr_precision",
+    # the official-size model (419 M parameters)
+    "test_triposr_official", "test_triposr_precision",
 }
 
 
