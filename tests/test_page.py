@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from playwright import sync_api
 
 from pipeline.web import mount_web
+from tests.inprocess import AppServer
 from tests.server import ROOT, Server, free_port
 
 CHROMIUM = "/usr/bin/chromium"
@@ -259,14 +260,14 @@ def submit_in_a_new_tab(browser, server: Server, shot: str, prompt: str = "a tea
 def test_a_full_queue_says_so_and_when_to_try_again(browser, tmp_path):
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "GROK3D_QUEUE_MAX": "1",
            "GROK3D_RETRY_AFTER_S": "7", "TEST_IMAGE_SLEEP_S": "60"}
-    with Server(tmp_path, env) as srv:
+    with AppServer(tmp_path, env) as srv:  # the page showing an answer: no BentoML needed (tests/inprocess.py)
         assert httpx.post(srv.url + "/api/generate", json={"prompt": "a cat"}).status_code == 200  # fills it
         shown = submit_in_a_new_tab(browser, srv, "queue-full")
     assert shown == "Too many jobs queued, retry later (try again in 7 s)"
 
 
 def test_a_server_without_an_xai_key_says_what_is_missing(browser, tmp_path):
-    with Server(tmp_path, {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": ""}) as srv:
+    with AppServer(tmp_path, {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": ""}) as srv:
         shown = submit_in_a_new_tab(browser, srv, "no-xai-key")
     assert shown == "Image generation is not configured: set XAI_API_KEY"
 

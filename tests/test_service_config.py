@@ -1,5 +1,6 @@
 """The service under other configurations: no xAI key, no model, a model still loading, a full queue, and a
-kill -9 in the middle of a stage. Each starts its own `bentoml serve`."""
+kill -9 in the middle of a stage. Each starts its own `bentoml serve`, but the full queue: an API answer, served in
+process (tests/inprocess.py)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import httpx
 import pytest
 
+from tests.inprocess import AppServer
 from tests.server import Server, wait_job
 from tests.test_api import STAGES, assert_error
 
@@ -46,7 +48,7 @@ def test_jobs_wait_for_a_loading_model(tmp_path):
 
 def test_full_queue_is_429_with_retry_after(tmp_path):
     env = {**STAGES, "GROK3D_QUEUE_MAX": "3", "GROK3D_RETRY_AFTER_S": "7", "TEST_IMAGE_SLEEP_S": "30"}
-    with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url) as c:
+    with AppServer(tmp_path, env) as srv, httpx.Client(base_url=srv.url) as c:  # an API answer: in process
         for _ in range(3):
             assert c.post("/api/generate", json={"prompt": "cat"}).status_code == 200
         r = c.post("/api/generate", json={"prompt": "cat"})
