@@ -39,7 +39,7 @@ import obstore
 from obstore.store import S3Store
 
 from pipeline.storage import (DISPOSITION, DOWNLOAD_SUFFIX, FILE_NAMES, STORED_MEDIA_TYPES, Asset, ObjectInfo,
-                              is_job_id)
+                              is_job_id, remove_older_than)
 
 CHUNK = 256 * 1024  # streamed downloads: pieces of this size
 OWN_PREFIX = "proc-"  # a process's scratch folder: scratch/proc-<random>/
@@ -230,13 +230,7 @@ class S3AssetStore:
 
 def _remove_old_files(folder: Path, age_s: float) -> int:
     """Files in `folder` older than `age_s`, then the folder if that emptied it; 1 when the folder went."""
-    now = time.time()
-    for entry in folder.iterdir():
-        try:
-            if entry.is_file() and now - entry.stat().st_mtime > age_s:
-                entry.unlink()
-        except FileNotFoundError:
-            pass
+    remove_older_than(folder.iterdir(), age_s)
     try:
         folder.rmdir()
     except OSError:  # not empty (a copy still in use), or gone already

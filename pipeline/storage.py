@@ -16,7 +16,7 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import Enum
@@ -159,6 +159,20 @@ class ObjectInfo:
     modified: float
 
 
+def remove_older_than(paths: Iterable[Path], age_s: float) -> int:
+    """Remove the files among `paths` last modified more than `age_s` seconds ago (leftovers of a crash; one that
+    another process removes meanwhile is skipped); how many went."""
+    now, removed = time.time(), 0
+    for path in paths:
+        try:
+            if path.is_file() and now - path.stat().st_mtime > age_s:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
+
+
 STAGED_PREFIX = ".staged-"
 STAGED_MAX_AGE_S = 3600.0  # a staged file this old was left by a crash: no submission takes that long
 
@@ -170,7 +184,7 @@ class AssetStore:
         self.root = jobs_dir
         self.location = str(jobs_dir)  # for the log
         self.root.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_staged()
+        self.remove_stale_temporaries()
 
     def stage(self, data: bytes) -> Path:
         """Write a file for a job that does not exist yet, durably, beside the job folders; `adopt` gives it to the
@@ -185,22 +199,11 @@ class AssetStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staged, path)
 
-    def _remove_stale_staged(self) -> int:
-        """Staged files a crash left between staging and adoption (another process may be staging right now)."""
-        removed = 0
-        for staged in self.root.glob(f"{STAGED_PREFIX}*"):
-            try:
-                if time.time() - staged.stat().st_mtime > STAGED_MAX_AGE_S:
-                    staged.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                pass
-        return removed
-
     def remove_stale_temporaries(self) -> int:
-        """The sweep's: staged files a crash left (a producer's temporary files are in its job's folder, removed
-        when the job resumes or goes)."""
-        return self._remove_stale_staged()
+        """The sweep's (and start-up's): staged files a crash left between staging and adoption; another process may
+        be staging right now. A producer's temporary files are in its job's folder, removed when the job resumes or
+        goes."""
+        return remove_older_than(self.root.glob(f"{STAGED_PREFIX}*"), STAGED_MAX_AGE_S)
 
     def job_dir(self, job_id: str) -> Path:
         if not is_job_id(job_id):  # the only guard between a URL and the file system
