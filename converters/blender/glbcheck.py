@@ -16,6 +16,13 @@ from pipeline.errors import StageError
 GLB_MAGIC = b"glTF"
 JSON_CHUNK = 0x4E4F534A
 TRIANGLES = 4
+# A job's words for a mesh refused, whichever check meets it first: this one, or Blender's import (usdz.py).
+NO_GEOMETRY = "The 3D model file contains no geometry."
+
+
+def too_many_faces(faces: int, max_faces: int) -> str:
+    return (f"The 3D model has too many faces ({faces}, at most {max_faces}); ask for a face_limit of at most "
+            f"{max_faces}, or a lower resolution.")
 
 
 def _declared_faces(document: dict[str, Any]) -> int:
@@ -61,8 +68,7 @@ def check_glb(path: Path, max_bytes: int, max_faces: int) -> int:
         raise StageError(f"The 3D model file is too large ({size // 2**20} MiB, at most {max_bytes // 2**20} MiB).")
     faces = _declared_faces(_read_json_chunk(path))
     if faces == 0:
-        raise StageError("The 3D model file contains no geometry.")
+        raise StageError(NO_GEOMETRY)
     if faces > max_faces:
-        raise StageError(f"The 3D model has too many faces ({faces}, at most {max_faces}); ask for a "
-                         f"face_limit of at most {max_faces}, or a lower resolution.")
+        raise StageError(too_many_faces(faces, max_faces))
     return faces

@@ -20,6 +20,7 @@ from mathutils import Matrix, Vector
 from PIL import Image
 
 from converters.blender import texbake
+from converters.blender.glbcheck import NO_GEOMETRY, too_many_faces
 
 PREVIEW_SAMPLES = 16
 PREVIEW_JPEG_QUALITY = 90
@@ -72,11 +73,10 @@ def import_glb(glb_path: Path, max_faces: int) -> bpy.types.Object:
         raise ConversionError(f"The 3D model file could not be read as GLB ({first}).") from None
     meshes = [o for o in bpy.data.objects if o.type == "MESH" and len(o.data.polygons) > 0]
     if not meshes:
-        raise ConversionError("The 3D model file contains no geometry.")
+        raise ConversionError(NO_GEOMETRY)
     faces = sum(len(o.data.polygons) for o in meshes)
     if faces > max_faces:
-        raise ConversionError(f"The 3D model has too many faces ({faces}, at most {max_faces}); ask for a "
-                              f"face_limit of at most {max_faces}, or a lower resolution.")
+        raise ConversionError(too_many_faces(faces, max_faces))
     obj = _join(meshes)
     obj.data.shade_smooth()  # TripoSR's GLB has no normals: without this the import is faceted
     return obj
