@@ -15,7 +15,6 @@ from PIL import Image as PILImage
 from runners.triposr.loading import load_model as load_source, model_version
 from runners.triposr.mesh import extract_meshes, to_delivery_glb
 from runners.triposr.precision import number_format, resolve as resolve_precision
-from runners.triposr.sources import find
 from runners.triposr.wire import Failure
 
 if TYPE_CHECKING:
@@ -29,8 +28,8 @@ def default_device() -> str:
 
 
 def load_model(source: str, device: str | None = None) -> tuple[TripoSR, str]:
-    """(model, version). ModelNotFound when nothing is there; ModelLoadError when something broken is."""
-    find(source)
+    """(model, version) from a source that is there (the service asks sources.find first, before it imports
+    torch); ModelLoadError when what is there is broken."""
     model = load_source(source, device=device or default_device())
     return model, model_version(source)
 
