@@ -437,7 +437,7 @@ async def _example_mesh(runtime: Runtime, example_id: str) -> dict | None:
     return runtime.example_meshes[key]
 
 
-def _job_getter(runtime: Runtime, job_id: str) -> Callable[[Connection | None], Job | None]:
+def _job_getter(runtime: Runtime, job_id: str) -> Callable[[Connection], Job | None]:
     """The blocking read of a job, for Gate.enter to run after the key check (in its transaction, if any)."""
     return lambda conn: runtime.store.get(job_id, conn=conn) if is_job_id(job_id) else None
 

@@ -12,7 +12,8 @@ revoked key is refused on its very next request, on every replica, without a rea
 needs to know of the key (its id and limits, which never change once it is made) comes from a cache in the
 process, hash -> key, filled by the first request of each key (a lookup by the hash's unique index) and emptied of
 a key as soon as its count finds it revoked. The route's own read (the job of a status poll) runs on the same
-connection, so a keyed poll costs one thread hop and one pool checkout, as an open poll does.
+connection. The requests that reach the gate in one turn of the event loop share one thread hop and one
+connection (pipeline/coalesce.py), in either mode.
 
 Every answer to a keyed request carries the IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers-06 §3:
 RateLimit-Limit, RateLimit-Remaining, RateLimit-Reset in seconds) of the key's requests per minute, or of the
@@ -21,7 +22,6 @@ limit that refused it.
 
 from __future__ import annotations
 
-import asyncio
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from typing import Literal, TypeVar
 from sqlalchemy import Connection
 from starlette.requests import Request
 
+from pipeline.coalesce import Coalescer
 from pipeline.jobs import Job, JobStore
 from pipeline.keys import KEY_RE, ApiKey, KeyStore, hash_key
 from pipeline.quotas import LimitExceeded, Quotas
@@ -115,19 +116,25 @@ class Gate:
         # hash -> key. Only ids and limits are taken from here, which never change; whether the key is still
         # active is asked of the store by every request's count.
         self._known: dict[str, ApiKey] = {}
+        in_flight = 4 if store.postgresql else 1  # see pipeline/coalesce.py
+        self._reads = Coalescer(store.read, max_in_flight=in_flight)  # open mode: the routes' reads
+        # keys mode: each request's count, then its route's read
+        self._counts = Coalescer(store.counting, max_in_flight=in_flight)
 
     async def enter(self, request: Request,
-                    then: Callable[[Connection | None], T] | None = None) -> tuple[Caller, T | None]:
+                    then: Callable[[Connection], T] | None = None) -> tuple[Caller, T | None]:
         """Admit `request` (open mode: anyone; keys mode: its key, within its requests per minute, or Refused),
         then run the blocking `then` (the route's store read) in the same worker thread, on the key check's
-        connection (None in open mode)."""
+        connection (open mode: a read connection)."""
         if self.mode == "open":
             request.scope[CALLER_SCOPE] = None
-            return ANYONE, (await asyncio.to_thread(then, None) if then is not None else None)
+            return ANYONE, (await self._reads.run(then) if then is not None else None)
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
             raise Refused(401, API_KEY_REQUIRED, {"WWW-Authenticate": CHALLENGE})
-        caller, result = await asyncio.to_thread(self._admit_then, token, then)
+        if KEY_RE.fullmatch(token) is None:
+            raise _invalid()  # not a grok3d key at all: no lookup
+        caller, result = await self._counts.run(lambda conn: self._admit_then(conn, token, then))
         request.scope[SCOPE_KEY] = caller.headers
         request.scope[CALLER_SCOPE] = str(caller.key_id)  # the jobs this caller may see (pipeline.lifecycle)
         if not caller.rate.allowed:
@@ -136,21 +143,20 @@ class Gate:
                           {"Retry-After": str(caller.rate.reset_s), **caller.headers})
         return caller, result
 
-    def _admit_then(self, token: str, then: Callable[[Connection | None], T] | None) -> tuple[Caller, T | None]:
-        if KEY_RE.fullmatch(token) is None:
-            raise _invalid()  # not a grok3d key at all: no lookup
+    def _admit_then(self, conn: Connection, token: str,
+                    then: Callable[[Connection], T] | None) -> tuple[Caller, T | None]:
+        """On `conn` (a JobStore.counting connection): the key of `token`, its count, then `then`."""
         digest = hash_key(token)
         key = self._known.get(digest)
-        if key is None:
-            with self.store.read() as conn:
-                key = self._look_up(conn, token, digest)
-        with self.store.counting() as conn:
-            try:
-                caller = Caller(key, self.limiter.hit(conn, key.id, key.rpm))
-            except KeyRevoked:
-                self._known.pop(digest, None)
-                raise _invalid() from None
-            result = then(conn) if caller.rate.allowed and then is not None else None
+        if key is None:  # a SQLAlchemy read, which `conn` runs no transaction for: on a connection of its own
+            with self.store.read() as read:
+                key = self._look_up(read, token, digest)
+        try:
+            caller = Caller(key, self.limiter.hit(conn, key.id, key.rpm))
+        except KeyRevoked:
+            self._known.pop(digest, None)
+            raise _invalid() from None
+        result = then(conn) if caller.rate.allowed and then is not None else None
         return caller, result
 
     def _look_up(self, conn: Connection, token: str, digest: str) -> ApiKey:
