@@ -15,12 +15,21 @@ than the route itself:
 
 Both are swapped in where BentoML looks them up each time it builds an app's middleware stack: the
 `middlewares` properties import them from their modules at call time (bentoml/_internal/server/base_app.py:148
-for the timeout, _bentoml_impl/server/app.py:234 for the metrics). An upgrade of BentoML could move either and
-silently drop the fix, so:
+for the timeout, _bentoml_impl/server/app.py:234 for the metrics).
+
+Even so, a poll crossed BentoML's whole stack before it reached our app: its error middleware, metrics, tracing
+and access log (which all skip the polls' paths, yet each looks at the request first), the timeout, its context
+middleware, its exception middleware, its router and the mount of our app; a third of a poll's CPU time, measured.
+`route_directly` sends the requests under given path prefixes straight to the mounted app, through
+FirstByteTimeout alone (so a poll keeps its 504), by wrapping the app that a service's worker builds and hands
+to uvicorn (Service.to_asgi, called at _bentoml_impl/worker/service.py:207). Everything else, lifespan included,
+still goes through BentoML's app.
+
+An upgrade of BentoML could move any of these and silently drop the fix, so:
 - `install()` refuses any BentoML but the version this was written for, and says what to re-check;
-- each replacement logs a line when BentoML builds it into a stack (so once per worker at start-up), and
-  tests/test_bentoml_fixes.py finds those lines for both workers of a served app, and checks that status polls are
-  missing from its /metrics.
+- each replacement logs a line when BentoML builds it into a stack (so once per worker at start-up), and so does
+  the direct route when a worker builds its app; tests/test_bentoml_fixes.py finds those lines for the workers of
+  a served app, and checks that status polls are missing from its /metrics.
 """
 
 from __future__ import annotations
@@ -45,7 +54,10 @@ RECHECK = (
     "it builds a stack? "
     "2. bentoml/_internal/server/http/instruments.py: does RunnerTrafficMetricsMiddleware still count requests "
     "under its skip_paths, and does _bentoml_impl/server/app.py (`middlewares`) still import it from there? "
-    "3. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
+    "3. _bentoml_impl/worker/service.py: does a worker still build the app it serves with Service.to_asgi "
+    "(_bentoml_sdk/service/factory.py), and do BentoML's middlewares still need nothing for the paths that "
+    "route_directly sends past them? "
+    "4. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
     "runners/triposr/client.py. "
     "Then run tests/test_bentoml_fixes.py."
 )
@@ -58,10 +70,13 @@ def _report(replacement: str, original: str) -> None:
 
 
 class FirstByteTimeout:
-    def __init__(self, app: Any, timeout: float) -> None:
+    """ASGI: 504 `{"error": ...}` when no response has started within `timeout` seconds; no limit once it has."""
+
+    def __init__(self, app: Any, timeout: float, *, in_bentoml_stack: bool = True) -> None:
         self.app = app
         self.timeout = timeout
-        _report("FirstByteTimeout", "TimeoutMiddleware")
+        if in_bentoml_stack:
+            _report("FirstByteTimeout", "TimeoutMiddleware")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -114,6 +129,48 @@ def skipping_metrics(base: type) -> type:
     return SkippingMetrics
 
 
+class DirectPaths:
+    """ASGI, in front of a service's whole BentoML app (`outer`): HTTP requests whose path starts with one of
+    `prefixes` go straight to `inner`, the app the service mounts, with FirstByteTimeout's `timeout`; everything
+    else (other paths, lifespan, websockets) to `outer`."""
+
+    def __init__(self, outer: Any, inner: Any, prefixes: list[str], timeout: float) -> None:
+        self.outer = outer
+        self.direct = FirstByteTimeout(inner, timeout, in_bentoml_stack=False)
+        self.prefixes = tuple(prefixes)
+        log.info("requests under %s go straight to the mounted app, past BentoML's middleware stack (process %d)",
+                 ", ".join(self.prefixes), os.getpid())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(self.prefixes):
+            await self.direct(scope, receive, send)
+        else:
+            await self.outer(scope, receive, send)
+
+
+# id(service) -> (mounted app, path prefixes, timeout), for the services that route_directly was called for.
+_direct_routes: dict[int, tuple[Any, list[str], float]] = {}
+
+
+def route_directly(service: Any, app: Any, prefixes: list[str], timeout: float) -> None:
+    """Requests to `service` (a bentoml.Service) under `prefixes` skip BentoML's middleware stack and go to `app`,
+    which the service mounts: only for paths that BentoML's access log, metrics and tracing skip anyway (and that
+    need nothing of its request context or max_concurrency). Takes effect where install() has run."""
+    _direct_routes[id(service)] = (app, list(prefixes), timeout)
+
+
+def _routing_directly(to_asgi: Callable) -> Callable:
+    """Service.to_asgi, wrapped in DirectPaths for the services that route_directly names."""
+
+    def wrapped(self: Any, is_main: bool = True) -> Any:
+        app = to_asgi(self, is_main=is_main)
+        direct = _direct_routes.get(id(self))
+        return app if direct is None else DirectPaths(app, *direct)
+
+    wrapped._grok3d_direct = True  # type: ignore[attr-defined]
+    return wrapped
+
+
 def check_version(found: str) -> None:
     """Refuse a BentoML this module was not written for: its fixes could be silently dropped or wrong there."""
     if found != WRITTEN_FOR:
@@ -122,13 +179,16 @@ def check_version(found: str) -> None:
 
 
 def install() -> None:
-    """Put both in BentoML's place (its app factory looks them up in these modules when it builds each app)."""
+    """Put both in BentoML's place, and let route_directly take effect (its app factory looks them up in these modules when it builds each app)."""
     import bentoml
     import bentoml._internal.server.http.instruments as instruments
     import bentoml._internal.server.http.traffic as traffic
+    from _bentoml_sdk import Service
 
     check_version(bentoml.__version__)
     traffic.TimeoutMiddleware = FirstByteTimeout
+    if not getattr(Service.to_asgi, "_grok3d_direct", False):
+        Service.to_asgi = _routing_directly(Service.to_asgi)
     if not getattr(instruments.RunnerTrafficMetricsMiddleware, "_grok3d_skipping", False):
         instruments.RunnerTrafficMetricsMiddleware = skipping_metrics(instruments.RunnerTrafficMetricsMiddleware)
         instruments.RunnerTrafficMetricsMiddleware._grok3d_skipping = True

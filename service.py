@@ -49,8 +49,8 @@ mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html
 
 
 # Status polls are the hot path (every client polls every second or so): they skip the access log, the
-# per-request metrics and tracing, which together cost more than the route itself. Job state changes are logged
-# by the orchestrator instead.
+# per-request metrics and tracing, which together cost more than the route itself, and go straight to our app
+# (bentoml_fixes.route_directly). Job state changes are logged by the orchestrator instead.
 POLL_PATHS = ["/api/status/"]
 
 
@@ -132,6 +132,7 @@ def api_service(triposr_service: type) -> type:
                 raise HTTPException(503, f"The TripoSR model could not be loaded: {status.detail}")
             return True
 
+    bentoml_fixes.route_directly(Grok3D, app, POLL_PATHS, settings.request_timeout_s)
     if settings.stages_factory:
         Grok3D.add_asgi_middleware(ReadyzNote, note=f"ready, with test stages: GROK3D_STAGES={settings.stages_factory}")
     return Grok3D

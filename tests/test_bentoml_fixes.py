@@ -1,7 +1,8 @@
 """bentoml_fixes: FirstByteTimeout on a real uvicorn server (a 504 in API.md's error shape when no response starts
 in time, no limit once one has, and no timer left behind per request: BentoML's own leaves one for 60 s); both
-replacements found in the middleware stacks that the workers of a served app build; and no install on a BentoML it
-was not written for."""
+replacements found in the middleware stacks that the workers of a served app build; DirectPaths, and status polls
+routed past BentoML's stack in the API worker of a served app; and no install on a BentoML it was not written
+for."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 import bentoml_fixes
-from bentoml_fixes import FirstByteTimeout
+from bentoml_fixes import DirectPaths, FirstByteTimeout
 from tests.server import Server, free_port
 
 
@@ -89,12 +90,44 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
                                           ("SkippingMetrics", "RunnerTrafficMetricsMiddleware")):
                 assert f"{replacement} is in BentoML's middleware stack in place of its {original} (process {pid})" \
                     in log, f"{replacement} is not in the {service} worker's stack"
+        direct = "requests under /api/status/ go straight to the mounted app, past BentoML's middleware stack"
+        routed = [line for line in log.splitlines() if direct in line]
+        assert len(routed) == 1 and f"(process {srv.worker('grok3d').pid})" in routed[0]  # the API worker alone
         for _ in range(3):
             c.get("/api/status/0123456789ab")
             c.get("/api/examples")
         metrics = c.get("/metrics").text
         assert 'endpoint="/api/examples"' in metrics  # what is not skipped is counted
         assert 'endpoint="/api/status/' not in metrics
+
+
+def test_direct_paths_send_only_http_under_their_prefixes_to_the_mounted_app():
+    seen: list[tuple[str, str, str]] = []
+
+    def app(name):
+        async def asgi(scope, receive, send):
+            seen.append((name, scope["type"], scope.get("path", "")))
+            if scope["type"] == "http":
+                if scope["path"].endswith("/slow"):
+                    await asyncio.sleep(1)
+                await JSONResponse({"by": name})(scope, receive, send)
+        return asgi
+
+    routed = DirectPaths(app("bentoml"), app("ours"), ["/api/status/"], timeout=0.3)
+
+    async def main():
+        transport = httpx.ASGITransport(app=routed)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            assert (await c.get("/api/status/abc")).json() == {"by": "ours"}
+            assert (await c.get("/api/status")).json() == {"by": "bentoml"}  # not under the prefix
+            assert (await c.get("/metrics")).json() == {"by": "bentoml"}
+            slow = await c.get("/api/status/slow")  # the direct route keeps the first-byte timeout
+            assert slow.status_code == 504 and slow.json() == {"error": "Not able to process the request in 0.3 "
+                                                                        "seconds"}
+        await routed({"type": "lifespan"}, None, None)
+
+    asyncio.run(main())
+    assert ("bentoml", "lifespan", "") in seen  # BentoML's app runs the lifespan (its startup hooks, ours)
 
 
 def test_install_refuses_a_bentoml_it_was_not_written_for(monkeypatch):
@@ -106,5 +139,5 @@ def test_install_refuses_a_bentoml_it_was_not_written_for(monkeypatch):
     message = str(refused.value)
     assert "written for BentoML 1.4.40, and this is BentoML 1.4.41" in message
     for what in ("traffic.py", "base_app.py", "instruments.py", "_bentoml_impl/server/app.py",
-                 "tests/test_bentoml_fixes.py"):
+                 "_bentoml_impl/worker/service.py", "tests/test_bentoml_fixes.py"):
         assert what in message
