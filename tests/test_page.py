@@ -51,8 +51,11 @@ def browser():
 class Tab:
     """One page plus what it did: JavaScript errors and every URL it requested."""
 
-    def __init__(self, browser, server: Server, width: int = 1100, height: int = 900) -> None:
-        self.context = browser.new_context(viewport={"width": width, "height": height})
+    def __init__(self, browser, server: Server, width: int = 1100, height: int = 900,
+                 reduced_motion: str = "reduce") -> None:
+        # Reduced motion, as a visitor may ask for: the model holds still once shown (the page then stops redrawing
+        # it, which SwiftShader does on the CPU); the test below checks the page honours both preferences.
+        self.context = browser.new_context(viewport={"width": width, "height": height}, reduced_motion=reduced_motion)
         self.page = self.context.new_page()
         self.page.set_default_timeout(LOAD_TIMEOUT_MS)
         self.errors: list[str] = []
@@ -73,6 +76,27 @@ class Tab:
     def dimensions(self) -> list[float]:
         d = self.page.evaluate("document.getElementById('viewer').getDimensions()")
         return [d["x"], d["y"], d["z"]]
+
+
+def test_the_model_holds_still_for_visitors_who_ask_for_less_motion(browser, server):
+    """prefers-reduced-motion: the viewer turns the model by itself and wiggles its prompt only for visitors who did
+    not ask for less motion, and follows a change of the preference while the page is open."""
+    t = Tab(browser, server, reduced_motion="no-preference")
+    try:
+        viewer = t.page.locator("#viewer")
+        assert viewer.get_attribute("auto-rotate") is not None
+        assert viewer.get_attribute("interaction-prompt") == "auto"
+        t.page.emulate_media(reduced_motion="reduce")
+        t.page.wait_for_function("!document.getElementById('viewer').hasAttribute('auto-rotate')")
+        assert viewer.get_attribute("interaction-prompt") == "none"
+    finally:
+        t.context.close()
+    assert t.errors == []
+    still = Tab(browser, server)  # what the other tests use
+    try:
+        assert still.page.locator("#viewer").get_attribute("auto-rotate") is None
+    finally:
+        still.context.close()
 
 
 @pytest.fixture()

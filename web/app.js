@@ -483,6 +483,20 @@ function watchViewer() {
   });
 }
 
+// Visitors who asked their system for less motion (the prefers-reduced-motion media feature, Media Queries 5;
+// WCAG 2.2 SC 2.3.3) get a model that holds still until they turn it: no auto-rotate, no wiggling prompt. Both would
+// also redraw the model every frame for as long as it is shown.
+function honourReducedMotion() {
+  const viewer = $("viewer");
+  const query = matchMedia("(prefers-reduced-motion: reduce)");
+  const apply = () => {
+    viewer.toggleAttribute("auto-rotate", !query.matches);
+    viewer.setAttribute("interaction-prompt", query.matches ? "none" : "auto");
+  };
+  apply();
+  query.addEventListener("change", apply);
+}
+
 function resumeFromAddress() {
   const match = /^#job=(.+)$/.exec(location.hash);
   if (match) {
@@ -495,6 +509,7 @@ $("generate-form").addEventListener("submit", submit);
 watchPicture();
 $("key-form").addEventListener("submit", saveKey);
 watchViewer();
+honourReducedMotion();
 showJobs();
 loadViewer();
 loadExamples();
