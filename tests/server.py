@@ -9,14 +9,17 @@ the Blender workers each run in a session of their own.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
@@ -24,6 +27,28 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "GROK3D_TEST_SERVER"  # in the environment of every process of one test server: its token
+
+
+class _ReadyElsewhere(BaseHTTPRequestHandler):
+    """GET /readyz: 200, the one thing asked of a TripoSR service elsewhere by a server whose test stages never call
+    it (BentoML's /readyz asks each dependency with a URL, _bentoml_impl/server/app.py:460). Anything else: 404."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200 if self.path == "/readyz" else 404)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@functools.cache
+def unused_triposr_url() -> str:
+    """Where a server whose test stages never call the TripoSR service says that service is (see Server's
+    `triposr_worker`): a server in this process, for as long as it runs, that answers readiness and nothing else."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _ReadyElsewhere)
+    threading.Thread(target=server.serve_forever, name="ready-triposr-elsewhere", daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def free_port() -> int:
@@ -34,7 +59,13 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, data_dir: Path, env: dict[str, str] | None = None, *, service: str = "service:Grok3D",
-                 log_name: str = "server.log", ready: str = "/livez", command: list[str] | None = None) -> None:
+                 log_name: str = "server.log", ready: str = "/livez", command: list[str] | None = None,
+                 triposr_worker: bool | None = None) -> None:
+        """`triposr_worker`: whether `bentoml serve` starts the TripoSR service's worker beside the API's. By
+        default it does unless test stages other than tests.stages:real_model stand in for the real ones: those
+        never call the TripoSR service (their 3D stage and its readiness are their own), so the server names a
+        TripoSR service elsewhere (GROK3D_TRIPOSR_URL, `unused_triposr_url`) and BentoML starts no worker for it, a
+        process start saved. Tests that look at that worker itself ask for it."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -52,8 +83,13 @@ class Server:
             MARKER: uuid.uuid4().hex,
             **(env or {}),
         }
-        if "GROK3D_STAGES" in self.env:  # Settings refuses test stages without this consent
+        stages = self.env.get("GROK3D_STAGES")
+        if stages:  # Settings refuses test stages without this consent
             self.env.setdefault("GROK3D_ALLOW_TEST_STAGES", "1")
+        if triposr_worker is None:
+            triposr_worker = not stages or stages.endswith(":real_model")
+        if not triposr_worker:
+            self.env.setdefault("GROK3D_TRIPOSR_URL", unused_triposr_url())
         self.proc: subprocess.Popen | None = None
         self.ready = ready  # the path that answers 200 once the server is up
         self.command = command or [sys.executable, "-m", "bentoml", "serve", service, "--port", str(self.port),

@@ -80,7 +80,7 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
     """Each replacement logs when BentoML builds it into a worker's stack: if an upgrade bypassed the swap, or
     service.py stopped installing it, no line would name that worker. And polls are missing from /metrics."""
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key"}
-    with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+    with Server(tmp_path, env, triposr_worker=True) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         assert c.get("/livez").status_code == 200  # BentoML's health routes, beside our app at "/"
         srv.wait_for("/readyz", timeout_s=60)  # 200 once the model's state is known
         log = srv.log()

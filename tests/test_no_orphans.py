@@ -57,7 +57,7 @@ def freeze(processes: list[psutil.Process]) -> None:
 
 
 def test_kill_9_of_bentoml_serve_ends_every_process_under_it(tmp_path):
-    srv = Server(tmp_path, ENV, ready="/readyz").start()
+    srv = Server(tmp_path, ENV, ready="/readyz", triposr_worker=True).start()
     try:
         triposr, api, blender = started(srv)
         everything = srv.processes()
@@ -74,7 +74,7 @@ def test_kill_9_of_bentoml_serve_ends_every_process_under_it(tmp_path):
 
 
 def test_kill_9_of_the_api_worker_ends_its_blender_workers_and_the_service_recovers(tmp_path):
-    with Server(tmp_path, ENV, ready="/readyz") as srv:
+    with Server(tmp_path, ENV, ready="/readyz", triposr_worker=True) as srv:
         triposr, api, blender = started(srv)
         freeze(blender)
         api.kill()
