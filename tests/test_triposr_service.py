@@ -10,6 +10,7 @@ import subprocess
 import tarfile
 import time
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -57,27 +58,48 @@ def _glb(srv: Server, job_id: str) -> bytes:
     return r.content
 
 
-def test_batches_form_and_every_answer_equals_the_one_at_a_time_answer(tiny, tmp_path):
-    """Jobs through the API service, whose 3D stage calls the TripoSR service like production does."""
-    tag = import_model(tiny, tmp_path / "bentoml")
+@pytest.fixture(scope="module")
+def batching(tiny, tmp_path_factory) -> Iterator[tuple[Server, str]]:
+    """One server for the batching tests: the API service, whose 3D stage calls the TripoSR service like production
+    does, with the model imported into the BentoML store (TRIPOSR_MODEL: triposr:latest); and the model's tag."""
+    data = tmp_path_factory.mktemp("batching")
+    tag = import_model(tiny, data / "bentoml")
+    env = {**FAST, **REAL_MODEL, "TRIPOSR_MAX_BATCH_SIZE": "4", "TRIPOSR_MAX_LATENCY_MS": "120000",
+           "GROK3D_QUEUE_MAX": "300", "GROK3D_RECONSTRUCT_CONCURRENCY": "16"}
+    with Server(data, env, ready="/readyz") as srv:
+        yield srv, tag
+
+
+def test_batches_form_and_every_answer_equals_the_one_at_a_time_answer(batching):
+    srv, tag = batching
     assert re.fullmatch(r"triposr:[0-9a-f]{12}", tag)
-    env = {**FAST, **REAL_MODEL, "TRIPOSR_MAX_BATCH_SIZE": "4", "TRIPOSR_MAX_LATENCY_MS": "120000"}
     prompts = [f"block {i}" for i in range(4)]
-    with Server(tmp_path, env, ready="/readyz") as srv:  # TRIPOSR_MODEL: triposr:latest, the import above
-        alone = _jobs(srv, prompts, concurrent=False)
-        together = _jobs(srv, prompts * 2, concurrent=True)
-        assert all(j["status"] == "complete" and j["model_version"] == tag for j in alone + together)
-        alone_glbs = [_glb(srv, j["job_id"]) for j in alone]
-        together_glbs = [_glb(srv, j["job_id"]) for j in together]
-        log = srv.log()
-        metrics = httpx.get(srv.url + "/metrics").text
-        assert maps_torch(srv)  # what the worker without a checkpoint is spared (test below)
+    start = len(srv.log())
+    alone = _jobs(srv, prompts, concurrent=False)
+    together = _jobs(srv, prompts * 2, concurrent=True)
+    assert all(j["status"] == "complete" and j["model_version"] == tag for j in alone + together)
+    alone_glbs = [_glb(srv, j["job_id"]) for j in alone]
+    together_glbs = [_glb(srv, j["job_id"]) for j in together]
+    log = srv.log()[start:]
+    metrics = httpx.get(srv.url + "/metrics").text
+    assert maps_torch(srv)  # what the worker without a checkpoint is spared (test below)
     assert all(glb[:4] == b"glTF" for glb in alone_glbs)
     assert together_glbs == alone_glbs * 2  # byte for byte: batching changes nothing in the result
     sizes = [int(n) for n in re.findall(r"TripoSR batch of (\d+)", log)]
     assert max(sizes) > 1, sizes
     assert sum(sizes) == 12
     assert "bentoml_service_adaptive_batch_size" in metrics
+
+
+def test_more_than_a_hundred_calls_through_the_dependency_all_succeed(batching):
+    """BentoML replaces a dependency's connection every 100 requests by default, closing it under the requests in
+    flight ("Server disconnected"); the TripoSR service's runner_connection setting keeps it. 110 jobs: 110 calls
+    of the API service to the TripoSR service on this test's account alone, 16 at a time."""
+    srv, _ = batching
+    jobs = _jobs(srv, [f"block {i % 8}" for i in range(110)], concurrent=True)
+    log = srv.log()
+    assert [j["status"] for j in jobs] == ["complete"] * 110, [j.get("error") for j in jobs if j.get("error")][:3]
+    assert "Server disconnected" not in log and "closing transport" not in log
 
 
 def test_a_budget_far_below_one_batch_still_completes_every_job(tiny, tmp_path):
@@ -184,15 +206,3 @@ def test_bentoml_build_packs_the_model_the_service_names(tiny, tmp_path):
     with tarfile.open(out) as bento:
         names = bento.getnames()
     assert f"./models/triposr/{version}/model.ckpt" in names and "./src/service.py" in names
-
-
-def test_more_than_a_hundred_calls_through_the_dependency_all_succeed(tiny, tmp_path):
-    """BentoML replaces a dependency's connection every 100 requests by default, closing it under the requests in
-    flight ("Server disconnected"); the TripoSR service's runner_connection setting keeps it."""
-    env = {**FAST, **REAL_MODEL, "TRIPOSR_MODEL": str(tiny), "GROK3D_QUEUE_MAX": "300",
-           "GROK3D_RECONSTRUCT_CONCURRENCY": "16"}
-    with Server(tmp_path, env, ready="/readyz") as srv:
-        jobs = _jobs(srv, [f"block {i % 8}" for i in range(130)], concurrent=True)
-        log = srv.log()
-    assert [j["status"] for j in jobs] == ["complete"] * 130, [j.get("error") for j in jobs if j.get("error")][:3]
-    assert "Server disconnected" not in log and "closing transport" not in log
