@@ -18,6 +18,7 @@ import pytest
 from pipeline.db import sqlite_url
 from pipeline.jobs import JobStore
 from pipeline.keys import KEY_RE, KeyStore
+from tests.inprocess import AppServer
 from tests.server import ROOT, Server, wait_job
 
 STAGES = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": "test-key", "TEST_IMAGE_SLEEP_S": "0.4",
@@ -328,8 +329,8 @@ def test_no_key_is_in_the_database_or_the_log(server):
 
 def test_open_mode_warns_and_the_daily_ceiling_holds(tmp_path):
     """The default mode: the seed's routes as they were (a key, if sent, is ignored), a warning at start-up, and
-    the service's daily ceiling on jobs."""
-    with Server(tmp_path, {**STAGES, "GROK3D_DAILY_JOB_LIMIT": "2"}) as srv:
+    the service's daily ceiling on jobs. API answers and a start-up line: served in process (tests/inprocess.py)."""
+    with AppServer(tmp_path, {**STAGES, "GROK3D_DAILY_JOB_LIMIT": "2"}) as srv:
         assert "GROK3D_AUTH=open: anyone who can reach port" in srv.log()
         ids = [httpx.post(srv.url + "/api/generate", json={"prompt": f"p{i}"}).json()["job_id"] for i in range(2)]
         third = httpx.post(srv.url + "/api/generate", json={"prompt": "p2"}, headers=bearer("g3d_" + "x" * 43))

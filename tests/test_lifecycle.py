@@ -1,6 +1,7 @@
 """The job life cycle of API.md §5-§9 against the real `bentoml serve`: list, cancel, delete, retention,
 idempotent submission, Server-Sent Events and signed webhooks (issue 15). Test stages (tests/stages.py) stand in for
-xAI and TripoSR; the cancel during a conversion runs the real Blender pool."""
+xAI and TripoSR; the cancel during a conversion runs the real Blender pool. The callback checks and the retention
+sweep, which are the app's own, run against it in process (tests/inprocess.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import psutil
 import pytest
 from standardwebhooks import Webhook
 
+from tests.inprocess import AppServer
 from tests.server import Server, wait_job
 from tests.webhook_receiver import SECRET, Receiver
 
@@ -346,7 +348,8 @@ def strict(tmp_path_factory):
     env = {**STAGES, "GROK3D_WEBHOOK_SECRET": SECRET, "GROK3D_RETENTION_DAYS": str(RETENTION_S / 86400),
            "GROK3D_SWEEP_INTERVAL_S": "0.5", "TEST_IMAGE_SLEEP_S": "0.2", "TEST_3D_SLEEP_S": "0.2",
            "TEST_CONVERT_SLEEP_S": "0.2"}
-    with Server(tmp_path_factory.mktemp("strict"), env) as srv:
+    # Callback checks and the retention sweep are the app's own: served in process (tests/inprocess.py).
+    with AppServer(tmp_path_factory.mktemp("strict"), env) as srv:
         yield srv
 
 
