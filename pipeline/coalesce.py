@@ -21,6 +21,8 @@ PostgreSQL each statement waits for a round trip, and several batches on several
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
@@ -31,7 +33,10 @@ T = TypeVar("T")
 # Calls per batch at most: a batch runs its calls one after another, so this bounds the wait of its last one.
 MAX_BATCH = 64
 
-_Pending = tuple[Callable[[Any], Any], asyncio.Future]
+log = logging.getLogger("grok3d.coalesce")
+
+# A call, the future its caller awaits, and the caller's context (each call runs in it, as asyncio.to_thread does).
+_Pending = tuple[Callable[[Any], Any], asyncio.Future, contextvars.Context]
 _Outcome = tuple[asyncio.Future, Any, BaseException | None]
 
 
@@ -54,7 +59,7 @@ class Coalescer(Generic[C]):
         """Schedule `fn(shared)` in the next batch; await the result (or the exception it raised)."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._pending.append((fn, future))
+        self._pending.append((fn, future, contextvars.copy_context()))
         if not self._flush_due and self._in_flight < self.max_in_flight:
             # After the callbacks already queued in this turn: the calls they make join this batch.
             self._flush_due = True
@@ -66,26 +71,38 @@ class Coalescer(Generic[C]):
         while self._pending and self._in_flight < self.max_in_flight:
             batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
             self._in_flight += 1
-            loop.run_in_executor(None, self._run_batch, loop, batch)
+            try:
+                loop.run_in_executor(None, self._run_batch, loop, batch)
+            except RuntimeError as exc:  # the executor is shut down (the loop is closing): answer, do not hang
+                self._in_flight -= 1
+                _deliver([(future, None, exc) for _, future, _ in batch])
 
     def _done(self, loop: asyncio.AbstractEventLoop, outcomes: list[_Outcome]) -> None:
         self._in_flight -= 1
-        _deliver(outcomes)
-        self._flush(loop)  # what came in meanwhile
+        try:
+            _deliver(outcomes)
+        finally:
+            self._flush(loop)  # what came in meanwhile
 
     def _run_batch(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        """In the executor's thread. Whatever happens, every call of `batch` is answered and the batch counted done:
+        a batch left unanswered would hold its slot, and with it every later call, for good."""
         outcomes: list[_Outcome] = []
         try:
             with self.share() as shared:
-                for fn, future in batch:
+                for fn, future, context in batch:
                     try:
-                        outcomes.append((future, fn(shared), None))
-                    except Exception as exc:  # the caller's: delivered to it alone
+                        outcomes.append((future, context.run(fn, shared), None))
+                    except BaseException as exc:  # the caller's (even SystemExit): delivered to it alone
                         outcomes.append((future, None, exc))
-        except Exception as exc:  # the batch's own (no connection): every call not yet answered gets it
-            done = {id(future) for future, _, _ in outcomes}
-            outcomes += [(future, None, exc) for _, future in batch if id(future) not in done]
-        loop.call_soon_threadsafe(self._done, loop, outcomes)
+        except BaseException as exc:  # the batch's own (no connection, or closing it failed)
+            answered = {id(future) for future, _, _ in outcomes}
+            unanswered = [future for _, future, _ in batch if id(future) not in answered]
+            if not unanswered:  # every call ran: their results stand (each statement committed by itself)
+                log.warning("a batch of %d store calls ran, then its connection failed to close: %r", len(batch), exc)
+            outcomes += [(future, None, exc) for future in unanswered]
+        finally:
+            loop.call_soon_threadsafe(self._done, loop, outcomes)
 
 
 def _deliver(outcomes: list[_Outcome]) -> None:
@@ -94,5 +111,7 @@ def _deliver(outcomes: list[_Outcome]) -> None:
             continue
         if exc is None:
             future.set_result(result)
+        elif isinstance(exc, StopIteration):  # a future refuses it (it would end a generator): say what it was
+            future.set_exception(RuntimeError(f"the call raised {exc!r}"))
         else:
             future.set_exception(exc)

@@ -5,6 +5,7 @@ form the next batch."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 from contextlib import contextmanager
 
@@ -126,3 +127,41 @@ def test_a_cancelled_caller_stops_waiting_and_its_call_still_runs():
 
     assert asyncio.run(main()) == "answer"
     assert ran == ["leaving", "staying"]
+
+
+def test_a_call_that_raises_beyond_exception_neither_hangs_its_batch_nor_the_next():
+    """SystemExit or StopIteration from a call reach its caller (StopIteration, which a future refuses, as a
+    RuntimeError that names it); the other calls of the batch are answered, and the coalescer keeps serving."""
+    coalescer = Coalescer(Shares(), max_in_flight=1)
+
+    def exits(shared):
+        raise SystemExit(3)
+
+    def stops(shared):
+        raise StopIteration
+
+    async def main():
+        first = await asyncio.wait_for(asyncio.gather(coalescer.run(exits), coalescer.run(stops),
+                                                      coalescer.run(lambda s: "fine"), return_exceptions=True), 5)
+        return first, await asyncio.wait_for(coalescer.run(lambda s: "next"), 5)
+
+    (exited, stopped, fine), after = asyncio.run(main())
+    assert isinstance(exited, SystemExit) and exited.code == 3
+    assert isinstance(stopped, RuntimeError) and "StopIteration" in str(stopped)
+    assert (fine, after) == ("fine", "next")
+
+
+def test_each_call_runs_in_its_callers_context():
+    """As asyncio.to_thread: what the request set in a context variable (a request id for the logs) is what its call
+    sees in the batch's thread."""
+    request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+    coalescer = Coalescer(Shares())
+
+    async def one(name):
+        request_id.set(name)
+        return await coalescer.run(lambda s: request_id.get())
+
+    async def main():
+        return await asyncio.gather(*(one(f"r{i}") for i in range(5)))
+
+    assert asyncio.run(main()) == [f"r{i}" for i in range(5)]
