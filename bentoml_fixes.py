@@ -154,8 +154,9 @@ _direct_routes: dict[int, tuple[Any, list[str], float]] = {}
 
 def route_directly(service: Any, app: Any, prefixes: list[str], timeout: float) -> None:
     """Requests to `service` (a bentoml.Service) under `prefixes` skip BentoML's middleware stack and go to `app`,
-    which the service mounts: only for paths that BentoML's access log, metrics and tracing skip anyway (and that
-    need nothing of its request context or max_concurrency). Takes effect where install() has run."""
+    which the service mounts: only for paths that BentoML's access log, metrics and tracing skip anyway, and that
+    need nothing of its request context, its max_concurrency or the service's own ASGI middlewares
+    (`add_asgi_middleware`), and for a service without a path_prefix. Takes effect where install() has run."""
     _direct_routes[id(service)] = (app, list(prefixes), timeout)
 
 
