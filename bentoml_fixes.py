@@ -180,7 +180,8 @@ def check_version(found: str) -> None:
 
 
 def install() -> None:
-    """Put both in BentoML's place, and let route_directly take effect (its app factory looks them up in these modules when it builds each app)."""
+    """Put both replacements in BentoML's place (its app factory looks them up in these modules when it builds each
+    app), and wrap Service.to_asgi so that route_directly takes effect."""
     import bentoml
     import bentoml._internal.server.http.instruments as instruments
     import bentoml._internal.server.http.traffic as traffic

@@ -27,6 +27,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKER = "GROK3D_TEST_SERVER"  # in the environment of every process of one test server: its token
+# The test stage sets (tests/stages.py) whose 3D stage is the TripoSR service that service.py passes them; every
+# other set ignores it.
+STAGES_CALLING_TRIPOSR = ("tests.stages:real_model",)
 
 
 class _ReadyElsewhere(BaseHTTPRequestHandler):
@@ -62,7 +65,7 @@ class Server:
                  log_name: str = "server.log", ready: str = "/livez", command: list[str] | None = None,
                  triposr_worker: bool | None = None) -> None:
         """`triposr_worker`: whether `bentoml serve` starts the TripoSR service's worker beside the API's. By
-        default it does unless test stages other than tests.stages:real_model stand in for the real ones: those
+        default it does unless test stages other than STAGES_CALLING_TRIPOSR stand in for the real ones: those
         never call the TripoSR service (their 3D stage and its readiness are their own), so the server names a
         TripoSR service elsewhere (GROK3D_TRIPOSR_URL, `unused_triposr_url`) and BentoML starts no worker for it, a
         process start saved. Tests that look at that worker itself ask for it."""
@@ -87,7 +90,7 @@ class Server:
         if stages:  # Settings refuses test stages without this consent
             self.env.setdefault("GROK3D_ALLOW_TEST_STAGES", "1")
         if triposr_worker is None:
-            triposr_worker = not stages or stages.endswith(":real_model")
+            triposr_worker = not stages or stages in STAGES_CALLING_TRIPOSR
         if not triposr_worker:
             self.env.setdefault("GROK3D_TRIPOSR_URL", unused_triposr_url())
         self.proc: subprocess.Popen | None = None
