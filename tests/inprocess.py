@@ -9,7 +9,6 @@ with tests/server.py's real server. Same interface as tests.server.Server: `url`
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from pathlib import Path
@@ -19,7 +18,9 @@ import uvicorn
 from pipeline.api import create_app
 from pipeline.backends import default_stages
 from pipeline.settings import Settings
-from tests.server import free_port
+from tests.server import free_port, lend_environment, take_back_environment
+
+APP_LOGGER = logging.getLogger("grok3d")
 
 
 class AppServer:
@@ -28,22 +29,26 @@ class AppServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / log_name
-        # Settings and the test stages read the environment: set it for the server's lifetime, then restore it.
+        # Settings and the test stages read the environment: set it for the server's lifetime (lent: a `bentoml
+        # serve` started meanwhile does not inherit it, tests/server.py), then restore it.
         self.env = {"GROK3D_DATA_DIR": str(data_dir), **(env or {})}
         if "GROK3D_STAGES" in self.env:
             self.env.setdefault("GROK3D_ALLOW_TEST_STAGES", "1")
-        self._saved: dict[str, str | None] = {}
+        self._saved: dict[str, str | None] | None = None
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._handler: logging.Handler | None = None
+        self._level = logging.NOTSET
 
     def start(self, *, timeout_s: float = 30.0) -> AppServer:
-        self._saved = {name: os.environ.get(name) for name in self.env}
-        os.environ.update(self.env)
+        self._saved = lend_environment(self.env)
         self._handler = logging.FileHandler(self.log_path)
         self._handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] [%(name)s] %(message)s"))
         logging.getLogger().addHandler(self._handler)
-        logging.getLogger().setLevel(logging.INFO)
+        # The app's own records at INFO, as `bentoml serve` logs them; the root logger's level stays as it was (at
+        # INFO, every httpx request of every later test went into pytest's reports).
+        self._level = APP_LOGGER.level
+        APP_LOGGER.setLevel(logging.INFO)
         settings = Settings()
         settings.data_dir = settings.data_dir.resolve()
         app = create_app(lambda s: default_stages(s, None), settings)
@@ -69,14 +74,12 @@ class AppServer:
         if self._thread is not None:
             self._thread.join(30)
         if self._handler is not None:
+            APP_LOGGER.setLevel(self._level)
             logging.getLogger().removeHandler(self._handler)
             self._handler.close()
-        for name, value in self._saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        self._server = self._thread = self._handler = None
+        if self._saved is not None:
+            take_back_environment(self._saved)
+        self._server = self._thread = self._handler = self._saved = None
 
     def __enter__(self) -> AppServer:
         return self.start()

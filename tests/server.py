@@ -54,6 +54,42 @@ def unused_triposr_url() -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
+# What in-process servers (tests/inprocess.py) changed in os.environ for their lifetime: for each, the values the
+# names had before, in the order they were lent. Their settings are theirs alone: a `bentoml serve` started meanwhile
+# must not inherit them (it did: a module's in-process server with a 4 s retention had another server's jobs swept).
+_LENT: list[dict[str, str | None]] = []
+
+
+def lend_environment(env: dict[str, str]) -> dict[str, str | None]:
+    """Set `env` in os.environ until `take_back_environment(returned)`; servers started meanwhile do not see it."""
+    saved = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    _LENT.append(saved)
+    return saved
+
+
+def take_back_environment(saved: dict[str, str | None]) -> None:
+    """Undo a `lend_environment` (lent environments are taken back newest first, as fixtures end)."""
+    del _LENT[next(i for i, lent in enumerate(_LENT) if lent is saved)]  # by identity: two may be equal
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def own_environment() -> dict[str, str]:
+    """os.environ without what in-process servers lent to it: the environment a server process starts from."""
+    env = dict(os.environ)
+    for saved in reversed(_LENT):
+        for name, value in saved.items():
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = value
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -75,7 +111,7 @@ class Server:
         self.service = service
         self.log_path = data_dir / log_name
         self.env = {
-            **os.environ,
+            **own_environment(),
             "GROK3D_DATA_DIR": str(data_dir),
             "BENTOML_HOME": str(data_dir / "bentoml"),
             "BENTOML_DO_NOT_TRACK": "true",
@@ -203,7 +239,9 @@ def wait_job(client: httpx.Client, job_id: str, *, timeout_s: float = 60.0, unti
     """Poll a job's status until it is in `until`; `stages` collects the stage of every answer seen."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        body = client.get(f"/api/status/{job_id}").json()
+        answer = client.get(f"/api/status/{job_id}")
+        assert answer.status_code == 200, f"GET /api/status/{job_id}: {answer.status_code} {answer.text}"
+        body = answer.json()
         if stages is not None:
             stages.append(body["stage"])
         if body["status"] in until:

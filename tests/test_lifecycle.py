@@ -6,6 +6,7 @@ sweep, which are the app's own, run against it in process (tests/inprocess.py)."
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -374,8 +375,20 @@ def test_callback_urls_are_checked_against_request_forgery(strict, url, message)
 
 
 def test_a_public_https_callback_is_accepted(strict):
-    r = httpx.post(strict.url + "/api/generate", json={"prompt": "a teapot", "callback_url": "https://192.0.43.10/x"})
+    # A job that outlives the module (its image stage takes a minute; the server stops first and leaves it to be
+    # resumed): it never ends, so nothing is ever sent to that outside address. Tests reach nothing off this machine.
+    r = httpx.post(strict.url + "/api/generate",
+                   json={"prompt": "a slow-image teapot", "callback_url": "https://192.0.43.10/x"})
     assert r.status_code == 200, r.text
+
+
+def test_a_server_started_meanwhile_does_not_inherit_the_in_process_servers_settings(strict, tmp_path):
+    """The in-process server's settings are in os.environ while it runs; a `bentoml serve` started then has its own
+    (it once inherited a 4 s retention, and a sweep removed its job under a polling test)."""
+    assert os.environ["GROK3D_RETENTION_DAYS"] == str(RETENTION_S / 86400)
+    env = Server(tmp_path).env
+    assert "GROK3D_RETENTION_DAYS" not in env and "GROK3D_SWEEP_INTERVAL_S" not in env
+    assert env["GROK3D_DATA_DIR"] == str(tmp_path) and env["PATH"] == os.environ["PATH"]
 
 
 def test_retention_removes_an_old_job_and_keeps_a_young_one(strict):
