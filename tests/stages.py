@@ -13,14 +13,18 @@ import os
 import time
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import trimesh
 from PIL import Image
 
 from pipeline.errors import StageError
 from pipeline.settings import Settings
 from pipeline.stages import ModelState, ModelStatus, Reconstruction, Reconstructor, Stages, Unavailable
+
+# trimesh (and with it scipy: about a second of CPU) is imported where a mesh is made: `bentoml serve` imports this
+# module in its arbiter and in each worker, and only an API worker that runs a job makes one.
+if TYPE_CHECKING:
+    import trimesh
 
 
 def _seconds(name: str) -> float:
@@ -102,6 +106,9 @@ class BoxReconstructor:
     version = "test:box"
 
     def mesh(self) -> trimesh.Trimesh:
+        import numpy as np
+        import trimesh
+
         mesh = trimesh.creation.box((0.5, 0.3, 0.4))
         mesh.visual.vertex_colors = np.tile([200, 30, 30, 255], (len(mesh.vertices), 1))
         return mesh
@@ -115,6 +122,9 @@ class SphereReconstructor(BoxReconstructor):
     version = "test:egg"
 
     def mesh(self) -> trimesh.Trimesh:
+        import numpy as np
+        import trimesh
+
         mesh = trimesh.creation.icosphere(subdivisions=5, radius=1.0)
         v = mesh.vertices
         mesh.vertices = np.stack([v[:, 0] * 0.25, v[:, 1] * 0.15 + 0.15, v[:, 2] * np.where(v[:, 2] > 0, 0.26, 0.2)],

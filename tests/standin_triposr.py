@@ -12,8 +12,6 @@ import os
 import time
 
 import bentoml
-import numpy as np
-import trimesh
 
 from pipeline.settings import get_settings
 from runners.triposr.service import RUNNER_CONNECTION
@@ -24,6 +22,11 @@ settings = get_settings()
 
 
 def _box_glb() -> bytes:
+    # Imported here: `bentoml serve` imports this module in every process, and only the stand-in's worker makes
+    # a mesh (trimesh brings scipy, about a second of CPU).
+    import numpy as np
+    import trimesh
+
     mesh = trimesh.creation.box((0.5, 0.3, 0.4))
     mesh.visual.vertex_colors = np.tile([40, 160, 90, 255], (len(mesh.vertices), 1))
     return mesh.export(file_type="glb")
