@@ -18,7 +18,7 @@ DEV_MODEL := $(GROK3D_DATA_DIR)/models/dev-tiny
 DEV_XAI_PORT ?= 8100
 
 .PHONY: .venv .venv-blender serve dev test test-fast bench import-model promote examples build clean-data postgresql \
-	container-tools container test-container bytecode
+	container-tools container test-container bytecode chromium
 
 # The main environment: the project (editable) and its dev group, reinstalled when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
@@ -59,11 +59,14 @@ dev: .venv $(DEV_MODEL)/model.ckpt | $(GROK3D_TMP_DIR)
 	TRIPOSR_MC_RESOLUTION=$${TRIPOSR_MC_RESOLUTION:-96} \
 	$(BENTOML) serve service:Grok3D --host 0.0.0.0 --port $(PORT)
 
-# The page tests drive Debian's chromium (never a browser download): installed here when missing (needs root).
-/usr/bin/chromium:
-	@test "$$(id -u)" = 0 || { echo 'the page tests need chromium: sudo apt-get install chromium'; exit 2; }
-	apt-get update -qq
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+# The page tests drive Debian's chromium (never a browser download), its WebGL drawn by Mesa's llvmpipe (software
+# OpenGL; a third of the CPU of chromium's own SwiftShader per model: tests/test_page.py): installed here when
+# missing (needs root).
+CHROMIUM_PACKAGES := chromium libegl-mesa0 libgl1-mesa-dri
+chromium:
+	@dpkg -s $(CHROMIUM_PACKAGES) > /dev/null 2>&1 || { \
+		test "$$(id -u)" = 0 || { echo 'the page tests need: sudo apt-get install $(CHROMIUM_PACKAGES)'; exit 2; }; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(CHROMIUM_PACKAGES) > /dev/null; }
 
 # The store tests run on PostgreSQL too: Debian's server, started by the tests themselves (tests/postgres.py) on a
 # free loopback port. Installed here when missing (needs root), without the package's default cluster, so that
@@ -98,7 +101,7 @@ $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 # out; handing them out first measured slower (10.6 min against 8.1: they all wanted the two cores at once).
 # TEST_WORKERS=0 runs them one by one.
 TEST_WORKERS ?= 3
-test: .venv $(VENV)/.kernel-tests /usr/bin/chromium postgresql .tools/helm bytecode
+test: .venv $(VENV)/.kernel-tests chromium postgresql .tools/helm bytecode
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Our modules' bytecode, written once: the tests start ~40 `bentoml serve`s of three processes each, all importing
