@@ -15,14 +15,20 @@ from tests.test_api import STAGES, assert_error
 
 
 def test_without_xai_key_generate_is_503_and_examples_work(tmp_path):
+    """Also the consent's other half (the test below): with GROK3D_ALLOW_TEST_STAGES=1, which tests.server.Server
+    sets, test stages start, the log warns, and /readyz's body says so. One server for both: a start saved."""
     env = {"GROK3D_STAGES": "tests.stages:sleepy", "XAI_API_KEY": ""}
     with Server(tmp_path, env, ) as srv, httpx.Client(base_url=srv.url) as c:
+        assert srv.env["GROK3D_ALLOW_TEST_STAGES"] == "1"
         assert_error(c.post("/api/generate", json={"prompt": "cat"}), 503,
                      "Image generation is not configured: set XAI_API_KEY")
         # Bad input is still reported as such first.
         assert_error(c.post("/api/generate", json={}), 400, "No prompt provided")
         assert c.get("/api/examples").status_code == 200
         srv.wait_for("/readyz", timeout_s=60)  # 200 once the TripoSR service has looked for its model
+        ready = c.get("/readyz")
+        assert "GROK3D_STAGES=tests.stages:sleepy" in ready.text
+        assert "[WARNING] [grok3d.backends] TEST STAGES ACTIVE" in srv.log()
 
 
 def test_without_model_generate_is_503_and_service_is_ready(tmp_path):
@@ -90,19 +96,11 @@ def test_a_job_survives_kill_9_mid_stage_and_resumes_from_its_last_finished_stag
     assert not list((tmp_path / "jobs" / job_id).glob(".*.tmp*"))
 
 
-def test_test_stages_are_refused_without_consent_and_announced_with_it(tmp_path):
+def test_test_stages_are_refused_without_consent(tmp_path):
     """GROK3D_STAGES replaces every real stage: an inherited variable alone must not start a server that serves
-    stand-ins; with GROK3D_ALLOW_TEST_STAGES=1 the log warns and /readyz's body says so."""
-    for name in ("refused", "allowed"):
-        (tmp_path / name).mkdir()
-    refused = Server(tmp_path / "refused", {**STAGES, "GROK3D_ALLOW_TEST_STAGES": "0"})
+    stand-ins. (With GROK3D_ALLOW_TEST_STAGES=1 they start and are announced: the first test of this module.)"""
+    refused = Server(tmp_path, {**STAGES, "GROK3D_ALLOW_TEST_STAGES": "0"})
     with pytest.raises(RuntimeError, match="server exited"):
         refused.start(timeout_s=60)
     assert "GROK3D_STAGES=tests.stages:sleepy replaces every real stage" in refused.log()
     refused.stop()
-
-    with Server(tmp_path / "allowed", STAGES) as srv:
-        srv.wait_for("/readyz", timeout_s=60)
-        ready = httpx.get(srv.url + "/readyz")
-        assert "GROK3D_STAGES=tests.stages:sleepy" in ready.text
-        assert "[WARNING] [grok3d.backends] TEST STAGES ACTIVE" in srv.log()
