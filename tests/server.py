@@ -90,6 +90,10 @@ def own_environment() -> dict[str, str]:
     return env
 
 
+# Launches of one server when the last lost a race for a port (Server.start).
+PORT_RACE_TRIES = 3
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,13 +139,36 @@ class Server:
                                    "--host", "127.0.0.1"]
 
     def start(self, *, timeout_s: float = 120.0) -> "Server":
-        self.launch()
-        try:
-            self.wait_for(self.ready, timeout_s)
-        except BaseException:  # `with Server(...)` never reaches __exit__ then: stop it here, or it outlives the test
-            self.stop()
-            raise
-        return self
+        for attempt in range(1, PORT_RACE_TRIES + 1):
+            began = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self.launch()
+            try:
+                self.wait_for(self.ready, timeout_s)
+                return self
+            except RuntimeError:
+                self.stop()
+                if attempt == PORT_RACE_TRIES or not self._lost_a_port_race(began):
+                    raise
+                self._move_to(free_port())
+            except BaseException:  # `with Server(...)` never reaches __exit__ then: stop it here, or it outlives
+                self.stop()  # the test
+                raise
+        raise AssertionError("unreachable")
+
+    def _lost_a_port_race(self, log_offset: int) -> bool:
+        """Whether the launch that wrote the log from `log_offset` on died binding a port another process took
+        first. A free port is found by binding port 0 and letting go; by the time `bentoml serve` binds it (ours for
+        HTTP, the ones BentoML picks the same way for circus's endpoints), a server starting beside it may have."""
+        with open(self.log_path, "rb") as log:
+            log.seek(log_offset)
+            return b"Address already in use" in log.read()
+
+    def _move_to(self, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.env["PORT"] = str(port)
+        if "--port" in self.command[:-1]:
+            self.command[self.command.index("--port") + 1] = str(port)
 
     def launch(self) -> "Server":
         """Start the process without waiting for it (several servers then start side by side)."""
