@@ -21,12 +21,12 @@ from tests.s3 import S3Server
 SLOW_MODULES = {
     # a real `bentoml serve` (seconds to start, two worker processes)
     "test_bentoml_fixes", "test_http", "test_no_orphans", "test_permissions", "test_service_config",
-    "test_triposr_service", "test_triposr_standin", "test_xai_served", "test_full_pipeline", "test_lifecycle",
-    "test_replicas", "test_remote_triposr", "test_assets", "test_upload", "test_formats", "test_keys", "test_keys_page",
+    "test_triposr_service", "test_triposr_standin", "test_full_pipeline", "test_lifecycle",
+    "test_replicas", "test_remote_triposr", "test_assets", "test_upload", "test_keys", "test_keys_page",
     # a real browser
     "test_page",
     # real Blender
-    "test_blender_convert", "test_blender_examples", "test_blender_pool", "test_blender_texbake",
+    "test_blender_convert", "test_blender_examples", "test_blender_pool", "test_blender_texbake", "test_formats",
     # the official-size model (419 M parameters)
     "test_triposr_official", "test_triposr_precision",
 }

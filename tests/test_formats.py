@@ -1,6 +1,7 @@
 """The formats of API.md §3 made on first request, the mesh report, face_limit and the path form of asset URLs,
-against the real `bentoml serve` with the real Blender pool (tests/stages.py:real_formats: quick stages before it,
-a coloured egg of 20,480 faces as the mesh)."""
+against the app with the real Blender pool (tests/stages.py:real_formats: quick stages before it, a coloured egg of
+20,480 faces as the mesh). Served in process (tests/inprocess.py): the formats, the pool and the routes are the
+app's own, whatever serves it; tests/test_lifecycle.py and test_no_orphans.py run the pool under `bentoml serve`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from PIL import Image
 
 from converters.blender.pool import default_python
 from tests.blender_helpers.checks import HELPERS, srgb_encode
-from tests.server import Server, wait_job
+from tests.inprocess import AppServer
+from tests.server import wait_job
 from tests.test_api import assert_error
 
 EGG_EXTENTS = [0.5, 0.3, 0.46]  # x, y (up), z (front), metres
@@ -33,7 +35,7 @@ TOP_Y, FRONT_Z = 0.26, 0.21  # faces well inside the egg's red top and green fro
 def server(tmp_path_factory):
     env = {"GROK3D_STAGES": "tests.stages:real_formats", "XAI_API_KEY": "test-key", "GROK3D_BAKE_SIZE": "128",
            "GROK3D_BLENDER_WORKERS": "2"}
-    with Server(tmp_path_factory.mktemp("formats"), env) as srv:
+    with AppServer(tmp_path_factory.mktemp("formats"), env) as srv:
         yield srv
 
 

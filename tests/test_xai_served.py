@@ -1,5 +1,6 @@
-"""Answers from the field, through the real `bentoml serve`: the real xAI client in the image stage, the fake xAI
-server answering as providers really do (issue 12)."""
+"""Answers from the field, through the app: the real xAI client in the image stage, the fake xAI server answering as
+providers really do (issue 12). Served in process (tests/inprocess.py): the answers are the xAI client's and the
+orchestrator's business, not BentoML's."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 from PIL import Image
 
 from tests.fakes.xai import FakeXai
-from tests.server import Server, wait_job
+from tests.inprocess import AppServer
+from tests.server import wait_job
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +23,13 @@ def fake() -> Iterator[FakeXai]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeXai) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory, fake: FakeXai) -> Iterator[AppServer]:
     env = {"GROK3D_STAGES": "tests.stages:real_image", "XAI_API_KEY": fake.api_key, "XAI_BASE_URL": fake.base_url}
-    with Server(tmp_path_factory.mktemp("xai-served"), env) as srv:
+    with AppServer(tmp_path_factory.mktemp("xai-served"), env) as srv:
         yield srv
 
 
-def test_a_wrapped_data_uri_without_padding_makes_a_job(server: Server, fake: FakeXai) -> None:
+def test_a_wrapped_data_uri_without_padding_makes_a_job(server: AppServer, fake: FakeXai) -> None:
     fake.configure(b64_style="wrapped", image_size=320)
     with httpx.Client(base_url=server.url, timeout=30) as client:
         job_id = client.post("/api/generate", json={"prompt": "a red teapot"}).json()["job_id"]
