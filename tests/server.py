@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import MutableMapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -71,23 +72,23 @@ def lend_environment(env: dict[str, str]) -> dict[str, str | None]:
 def take_back_environment(saved: dict[str, str | None]) -> None:
     """Undo a `lend_environment` (lent environments are taken back newest first, as fixtures end)."""
     del _LENT[next(i for i, lent in enumerate(_LENT) if lent is saved)]  # by identity: two may be equal
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    _put_back(os.environ, saved)
 
 
 def own_environment() -> dict[str, str]:
     """os.environ without what in-process servers lent to it: the environment a server process starts from."""
     env = dict(os.environ)
     for saved in reversed(_LENT):
-        for name, value in saved.items():
-            if value is None:
-                env.pop(name, None)
-            else:
-                env[name] = value
+        _put_back(env, saved)
     return env
+
+
+def _put_back(env: MutableMapping[str, str], saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
 
 
 # Launches of one server when the last lost a race for a port (Server.start).
