@@ -112,7 +112,7 @@ bytecode: .venv
 
 # The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes (75 s on 2
 # cores; one module at a time, 2.4 minutes: the store tests wait on PostgreSQL, the jobs tests on leases).
-test-fast: .venv postgresql bytecode
+test-fast: .venv postgresql .tools/helm bytecode
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 bench: .venv
