@@ -97,20 +97,21 @@ $(VENV)/.kernel-tests: pyproject.toml | $(VENV)/.installed
 	touch $@
 
 # Test modules run side by side (pytest-xdist, whole modules per worker so a module's servers start once): most of
-# a module's time is spent waiting on servers, Blender and the browser. In file order, the heavy modules are spread
-# out; handing them out first measured slower (10.6 min against 8.1: they all wanted the two cores at once).
+# a module's time is spent waiting on servers, Blender and the browser. xdist hands the modules out by their number
+# of tests, most first (its default), which spreads the heavy ones; handing those out first measured slower (10.6
+# min against 8.1: they all wanted the two cores at once).
 # TEST_WORKERS=0 runs them one by one.
 TEST_WORKERS ?= 3
 test: .venv $(VENV)/.kernel-tests chromium postgresql .tools/helm bytecode
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Our modules' bytecode, written once: the tests start ~40 `bentoml serve`s of three processes each, all importing
+# Our modules' bytecode, written once: the tests start ~35 `bentoml serve`s of three processes each, all importing
 # them, and with PYTHONDONTWRITEBYTECODE=1 inherited (CI images set it) each process would compile them again
 # (0.17 CPU-s a process, measured). compileall writes whatever that variable says; stale files are rewritten.
 bytecode: .venv
 	$(PY) -m compileall -q pipeline runners converters grok3d_cli tests service.py bentoml_fixes.py
 
-# The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes (75 s on 2
+# The edit-test loop: everything but the tests marked slow (tests/conftest.py), in under two minutes (85 s on 2
 # cores; one module at a time, 2.4 minutes: the store tests wait on PostgreSQL, the jobs tests on leases).
 test-fast: .venv postgresql .tools/helm bytecode
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)

@@ -13,6 +13,7 @@ import logging
 import time
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (JSON, Column, Connection, Engine, Float, Index, Integer, MetaData, String, Table, Text,
                         create_engine, event, inspect, text)
@@ -337,9 +338,11 @@ def _sqlite_begin(connection) -> None:
 
 # Alembic is imported where it is used: every process that imports this module (BentoML's arbiter, the TripoSR
 # worker, the command line) would otherwise pay a fifth of a CPU-second for it, and only the store's opener migrates.
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 
-def _alembic_config(connection):
+def _alembic_config(connection: Connection) -> Config:
     from alembic.config import Config
 
     config = Config()

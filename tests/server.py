@@ -140,21 +140,22 @@ class Server:
                                    "--host", "127.0.0.1"]
 
     def start(self, *, timeout_s: float = 120.0) -> "Server":
-        for attempt in range(1, PORT_RACE_TRIES + 1):
+        attempt = 1
+        while True:
             began = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.launch()
             try:
                 self.wait_for(self.ready, timeout_s)
                 return self
-            except RuntimeError:
+            except RuntimeError:  # it exited: perhaps beaten to a port, then it goes again on another
                 self.stop()
                 if attempt == PORT_RACE_TRIES or not self._lost_a_port_race(began):
                     raise
-                self._move_to(free_port())
-            except BaseException:  # `with Server(...)` never reaches __exit__ then: stop it here, or it outlives
-                self.stop()  # the test
+            except BaseException:  # `with Server(...)` never reaches __exit__: stop it here, or it outlives the test
+                self.stop()
                 raise
-        raise AssertionError("unreachable")
+            attempt += 1
+            self._move_to(free_port())
 
     def _lost_a_port_race(self, log_offset: int) -> bool:
         """Whether the launch that wrote the log from `log_offset` on died binding a port another process took
