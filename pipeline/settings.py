@@ -11,8 +11,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipeline.db import sqlite_url
-from pipeline.xai import DEFAULT_PROMPT_TEMPLATE, validate_prompt_template
+from pipeline.prompts import DEFAULT_PROMPT_TEMPLATE, validate_prompt_template
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="", case_sensitive=False, extra="ignore")
@@ -152,6 +151,10 @@ class Settings(BaseSettings):
     @property
     def store_url(self) -> str:
         """The job store's SQLAlchemy URL: GROK3D_DATABASE_URL, else the SQLite file in the data folder."""
+        # Imported here: every process reads the settings, and those that keep no jobs (the TripoSR worker,
+        # BentoML's arbiter) need not load SQLAlchemy for them.
+        from pipeline.db import sqlite_url
+
         return self.database_url or sqlite_url(self.db_path)
 
     @property

@@ -23,32 +23,14 @@ import httpx
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import StageError
+from pipeline.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt, validate_prompt_template
 from pipeline.retry import RetryPolicy
 
 log = logging.getLogger("grok3d.xai")
 
 DEFAULT_MODEL = "grok-imagine-image"
-DEFAULT_PROMPT_TEMPLATE = (
-    "{prompt}. "
-    "Show exactly one whole object, centred in the frame with space around it, nothing cropped, "
-    "in a three-quarter view from slightly above, on a plain light seamless background "
-    "with soft even studio lighting. No text, no logos, no other objects, no scenery."
-)
-PROMPT_PLACEHOLDER = "{prompt}"
 ResponseFormat = Literal["b64_json", "url"]
 _RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
-
-
-def validate_prompt_template(template: str) -> str:
-    """Return `template` if it can wrap a prompt; a template without `{prompt}` would drop the user's words."""
-    if PROMPT_PLACEHOLDER not in template:
-        raise ValueError(f"The prompt template must contain {PROMPT_PLACEHOLDER}; got {template!r}.")
-    return template
-
-
-def render_prompt(template: str, prompt: str) -> str:
-    """The user's words go in verbatim: str.replace, so braces in a prompt are never read as fields."""
-    return template.replace(PROMPT_PLACEHOLDER, prompt.strip())
 
 
 class _Retry(Exception):

@@ -17,14 +17,8 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import StageError
-from pipeline.xai import (
-    DEFAULT_PROMPT_TEMPLATE,
-    XaiImageClient,
-    _retry_after_s,
-    decode_b64_image,
-    render_prompt,
-    to_jpeg,
-)
+from pipeline.prompts import DEFAULT_PROMPT_TEMPLATE, render_prompt
+from pipeline.xai import XaiImageClient, _retry_after_s, decode_b64_image, to_jpeg
 from tests.fakes.xai import MODERATION_MESSAGE, FakeXai, draw_object, fake_xai  # noqa: F401 - fixture
 
 MakeClient = Callable[..., XaiImageClient]
