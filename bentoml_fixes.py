@@ -1,4 +1,5 @@
-"""Workarounds for BentoML 1.4.40 on the API's hot path, installed by service.py in every worker.
+"""Workarounds for BentoML 1.4.40: on the API's hot path, installed by service.py in every worker, and for the
+processes that import the service's module without serving the API (`AppOnFirstUse`, at the end).
 
 Status polls are what clients send most (every client, every second or so). Two of BentoML's middlewares cost more
 than the route itself:
@@ -57,7 +58,8 @@ RECHECK = (
     "3. _bentoml_impl/worker/service.py: does a worker still build the app it serves with Service.to_asgi "
     "(_bentoml_sdk/service/factory.py), and do BentoML's middlewares still need nothing for the paths that "
     "route_directly sends past them? "
-    "4. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
+    "4. Does BentoML still use a mounted app only where it serves it or lists its routes (AppOnFirstUse)? "
+    "5. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
     "runners/triposr/client.py. "
     "Then run tests/test_bentoml_fixes.py."
 )
@@ -194,3 +196,46 @@ def install() -> None:
     if not getattr(instruments.RunnerTrafficMetricsMiddleware, "_grok3d_skipping", False):
         instruments.RunnerTrafficMetricsMiddleware = skipping_metrics(instruments.RunnerTrafficMetricsMiddleware)
         instruments.RunnerTrafficMetricsMiddleware._grok3d_skipping = True
+
+
+class AppOnFirstUse:
+    """The API's ASGI app for BentoML to mount, built by `build()` the first time anything of it is used.
+
+    `bentoml serve` imports the service's module in every process it starts (serving.py:208 in its arbiter,
+    worker/service.py:186 in each worker), and two of them never serve the API: the arbiter, which supervises, and
+    the TripoSR worker, on a GPU node in a deployment. Building the app there imported the whole pipeline, SQLAlchemy,
+    FastAPI and aiohttp with it: about 0.8 CPU-s at every start of each (measured, `python -X importtime`) and their
+    memory for the process's life. BentoML uses a mounted app only in the process that serves it and when it
+    describes the service (`bentoml build`, /docs.json): it keeps the object (_bentoml_sdk/decorators.py:134-136,
+    service/factory.py:144-147), mounts it (_bentoml_impl/server/app.py:192-193), enters its lifespan when it is a
+    Starlette (app.py:493-497), merges its OpenAPI when it is a FastAPI (_bentoml_sdk/service/openapi.py:42-46) and
+    lists its routes (service/factory.py:294-314). Those type checks see the built app's class (`__class__`),
+    everything else is the built app's own (attributes read and set, calls), so that nothing but the time of
+    building changes.
+    """
+
+    __slots__ = ("_build", "_app")
+
+    def __init__(self, build: Callable[[], Any]) -> None:
+        object.__setattr__(self, "_build", build)
+        object.__setattr__(self, "_app", None)
+
+    def built(self) -> Any:
+        """The app, built now if it was not yet."""
+        if self._app is None:
+            object.__setattr__(self, "_app", self._build())
+            log.info("%s() built the mounted app on its first use (process %d)", self._build.__name__, os.getpid())
+        return self._app
+
+    @property  # type: ignore[misc]  # isinstance() and issubclass(x.__class__, ...) see the app's class
+    def __class__(self) -> type:
+        return type(self.built())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.built(), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(self.built(), name, value)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.built()(scope, receive, send)

@@ -4,7 +4,7 @@ TripoSR service. Nothing else lives here: the pipeline knows nothing of BentoML.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import _bentoml_impl.server as _bentoml_server  # where BentoML keeps its UI page
 import bentoml
@@ -13,14 +13,13 @@ from starlette.responses import PlainTextResponse
 
 import bentoml_fixes
 from pipeline import lifeline
-from pipeline.api import create_app
-from pipeline.backends import default_stages
 from pipeline.logs import setup_logging
 from pipeline.settings import get_settings
 from pipeline.stages import ModelState
-from pipeline.web import mount_bentoml_ui
-from runners.triposr.client import TripoSRStage
 from runners.triposr.service import TripoSRService
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 # Every process of the service dies with the one that started it (BentoML issue #4193: a `kill -9` of `bentoml
 # serve` leaves its workers running). `bentoml serve` imports this module (_bentoml_impl/server/serving.py:208)
@@ -34,18 +33,31 @@ settings = get_settings()
 bentoml_fixes.install()
 
 
-def _triposr_stage(_settings: Any) -> TripoSRStage:
-    return TripoSRStage(bentoml.get_current_service().triposr, max_batch_size=settings.triposr_max_batch_size,
-                        max_latency_s=settings.triposr_max_latency_ms / 1000, url=settings.triposr_url)
+def build_app() -> FastAPI:
+    """The FastAPI app of pipeline/, with the real stages (or GROK3D_STAGES' stand-ins), mounted at "/".
+
+    Imported and built on first use (bentoml_fixes.AppOnFirstUse): only the API's worker and `bentoml build` use it,
+    not BentoML's arbiter nor the TripoSR worker, which import this module too."""
+    from pipeline.api import create_app
+    from pipeline.backends import default_stages
+    from pipeline.web import mount_bentoml_ui
+    from runners.triposr.client import TripoSRStage
+
+    def triposr_stage() -> TripoSRStage:
+        return TripoSRStage(bentoml.get_current_service().triposr, max_batch_size=settings.triposr_max_batch_size,
+                            max_latency_s=settings.triposr_max_latency_ms / 1000, url=settings.triposr_url)
+
+    # BentoML serves Swagger UI's files at /static_content (_bentoml_impl/server/app.py:204-208): our /api/docs uses
+    # them, so the docs work offline.
+    built = create_app(lambda s: default_stages(s, triposr_stage()), settings, swagger_assets_url="/static_content")
+    # Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content): our
+    # app is mounted before BentoML adds its index route (_bentoml_impl/server/app.py:192-193 before :213), which so
+    # never answers; the page is its index_page's file (app.py:163-170).
+    mount_bentoml_ui(built, Path(_bentoml_server.__file__).parent / "main-openapi.html")
+    return built
 
 
-# BentoML serves Swagger UI's files at /static_content (_bentoml_impl/server/app.py:204-208): our /api/docs uses
-# them, so the docs work offline.
-app = create_app(lambda s: default_stages(s, _triposr_stage(s)), settings, swagger_assets_url="/static_content")
-# Our page owns "/", so BentoML's own UI moves to /bentoml (it still reads /docs.json and /static_content): our app
-# is mounted before BentoML adds its index route (_bentoml_impl/server/app.py:192-193 before :213), which so never
-# answers; the page is its index_page's file (app.py:163-170).
-mount_bentoml_ui(app, Path(_bentoml_server.__file__).parent / "main-openapi.html")
+app = bentoml_fixes.AppOnFirstUse(build_app)
 
 
 # Status polls are the hot path (every client polls every second or so): they skip the access log, the

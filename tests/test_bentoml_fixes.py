@@ -1,8 +1,8 @@
 """bentoml_fixes: FirstByteTimeout on a real uvicorn server (a 504 in API.md's error shape when no response starts
 in time, no limit once one has, and no timer left behind per request: BentoML's own leaves one for 60 s); both
 replacements found in the middleware stacks that the workers of a served app build; DirectPaths, and status polls
-routed past BentoML's stack in the API worker of a served app; and no install on a BentoML it was not written
-for."""
+routed past BentoML's stack in the API worker of a served app; the app built in that worker alone, on first use;
+and no install on a BentoML it was not written for."""
 
 from __future__ import annotations
 
@@ -93,6 +93,9 @@ def test_both_replacements_are_in_the_stacks_of_a_served_app(tmp_path):
         direct = "requests under /api/status/ go straight to the mounted app, past BentoML's middleware stack"
         routed = [line for line in log.splitlines() if direct in line]
         assert len(routed) == 1 and f"(process {srv.worker('grok3d').pid})" in routed[0]  # the API worker alone
+        # The app is built where it is served: not in BentoML's arbiter, not in the TripoSR worker (AppOnFirstUse).
+        built = [line for line in log.splitlines() if "build_app() built the mounted app on its first use" in line]
+        assert len(built) == 1 and f"(process {srv.worker('grok3d').pid})" in built[0], built
         for _ in range(3):
             c.get("/api/status/0123456789ab")
             c.get("/api/examples")
@@ -128,6 +131,29 @@ def test_direct_paths_send_only_http_under_their_prefixes_to_the_mounted_app():
 
     asyncio.run(main())
     assert ("bentoml", "lifespan", "") in seen  # BentoML's app runs the lifespan (its startup hooks, ours)
+
+
+def test_an_app_on_first_use_is_built_once_and_then_is_that_app():
+    builds: list[Starlette] = []
+
+    def build() -> Starlette:
+        builds.append(Starlette(routes=[Route("/quick", quick)]))
+        return builds[-1]
+
+    app = bentoml_fixes.AppOnFirstUse(build)
+    assert builds == []  # BentoML keeping it (asgi_app, the service's mount_apps) builds nothing
+    assert isinstance(app, Starlette) and issubclass(app.__class__, Starlette)  # BentoML's checks see the app's class
+    assert [r.path for r in app.routes] == ["/quick"]
+    app.state.runtime = "set through the proxy"
+    assert builds[0].state.runtime == "set through the proxy"
+
+    async def main() -> dict:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            return (await c.get("/quick")).json()
+
+    assert asyncio.run(main())["ok"] is True
+    assert len(builds) == 1 and type(app) is bentoml_fixes.AppOnFirstUse
 
 
 def test_install_refuses_a_bentoml_it_was_not_written_for(monkeypatch):

@@ -107,6 +107,31 @@ def test_the_api_service_does_not_load_torch():
     assert out.stdout.split() == ["False", "False"], out.stderr
 
 
+def test_importing_the_service_module_builds_no_api_until_it_is_used():
+    """BentoML's arbiter and the TripoSR worker import service.py and never serve the API: they load none of its
+    stack (the pipeline's app, SQLAlchemy, aiohttp). What `bentoml build` writes, the service's schema, still
+    lists the app's routes: describing the service builds the app."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.server import ROOT
+
+    check = """if True:
+        import json, sys
+        import service
+        stack = ("pipeline.api", "sqlalchemy", "aiohttp", "runners.triposr.client")
+        before = [m for m in stack if m in sys.modules]
+        mounted = [p for p, meta in service.Grok3D.schema().get("paths", {}).items() if meta.get("mounted")]
+        print(json.dumps({"before": before, "after": "pipeline.api" in sys.modules, "mounted": mounted}))
+    """
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True, check=True)
+    found = json.loads(out.stdout.splitlines()[-1])
+    assert found["before"] == [], out.stderr
+    assert found["after"] is True
+    assert {"/api/generate", "/api/jobs", "/api/examples", "/"} <= set(found["mounted"]), found["mounted"]
+
+
 async def test_the_jobs_resolution_travels_with_its_picture():
     """The client sends the job's marching-cubes grid in the picture's item, in and out of JSON (how BentoML's HTTP
     transport carries it); the service's bounds hold on the wire."""
