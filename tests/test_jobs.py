@@ -429,7 +429,9 @@ async def test_leases_are_renewed_while_the_shared_thread_pool_is_busy(tmp_path,
     keeps the leases it holds: the lease loop's calls have a thread of their own."""
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(1))
-    store, rival = JobStore(store_url, lease_s=0.6), JobStore(store_url, lease_s=0.6)
+    # Renewed every lease_s/3: a 1.2 s lease leaves 0.8 s for one renewal's write to stall on a loaded machine
+    # (a fsync behind the other tests' writes), where 0.6 s once lapsed in a full run.
+    store, rival = JobStore(store_url, lease_s=1.2), JobStore(store_url, lease_s=1.2)
     image = HeldImage()
     orch = Orchestrator(store, AssetStore(tmp_path / "jobs"), Stages(image, CopyPrepare(), BoxReconstructor(),
                                                                       ZipConverter()), poll_s=0.05)
@@ -437,8 +439,8 @@ async def test_leases_are_renewed_while_the_shared_thread_pool_is_busy(tmp_path,
     await orch.start()
     try:
         await asyncio.wait_for(image.started.wait(), 10)
-        busy = loop.run_in_executor(None, time.sleep, 2.0)  # the shared pool's one thread, for three leases' time
-        await asyncio.sleep(1.8)
+        busy = loop.run_in_executor(None, time.sleep, 3.6)  # the shared pool's one thread, for three leases' time
+        await asyncio.sleep(3.4)
         assert rival.claim("rival:1:x") is None  # the lease was renewed meanwhile: nothing to take over
         await busy
         image.go.set()
