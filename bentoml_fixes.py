@@ -168,7 +168,12 @@ def _routing_directly(to_asgi: Callable) -> Callable:
     def wrapped(self: Any, is_main: bool = True) -> Any:
         app = to_asgi(self, is_main=is_main)
         direct = _direct_routes.get(id(self))
-        return app if direct is None else DirectPaths(app, *direct)
+        if direct is None:
+            return app
+        mounted, prefixes, timeout = direct
+        if type(mounted) is AppOnFirstUse:  # the worker serves it now: polls go to the app itself, not its stand-in
+            mounted = mounted.built()
+        return DirectPaths(app, mounted, prefixes, timeout)
 
     wrapped._grok3d_direct = True  # type: ignore[attr-defined]
     return wrapped
