@@ -13,7 +13,7 @@ import os
 import time
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -172,13 +172,34 @@ def real_model(settings: Settings, reconstructor: Reconstructor | None = None) -
     return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=reconstructor, convert=ZipConverter())
 
 
+class BigMeshesBakeBig:
+    """The real Blender pool, where a 'big-mesh' job's mesh (BoxReconstructor's 100k-face blob: the only GLB over
+    1 MB here) bakes at TEST_BIG_MESH_BAKE_SIZE and every other at GROK3D_BAKE_SIZE: one conversion long enough to be
+    cancelled in (a 4096-pixel bake: seconds), and quick ones beside it. The rest is the pool's own."""
+
+    BIG_GLB_BYTES = 1_000_000
+
+    def __init__(self, pool: Any, bake_size: int) -> None:
+        self.pool = pool
+        self.bake_size = bake_size
+
+    async def convert(self, glb_path: Path, usdz_path: Path) -> None:
+        big = glb_path.stat().st_size > self.BIG_GLB_BYTES
+        await self.pool.convert_with_report(glb_path, usdz_path, bake_size=self.bake_size if big else None)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+
 def real_convert(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:
     """The real Blender pool (GROK3D_BLENDER_WORKERS warm workers, started with the API worker) behind the USDZ
-    stage; quick test stages before it."""
+    stage; quick test stages before it. TEST_BIG_MESH_BAKE_SIZE: see BigMeshesBakeBig."""
     from pipeline.backends import converter
 
-    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=BoxReconstructor(),
-                  convert=converter(settings))
+    pool = converter(settings)
+    if big := os.environ.get("TEST_BIG_MESH_BAKE_SIZE"):
+        pool = BigMeshesBakeBig(pool, int(big))
+    return Stages(image=SleepyImage(), prepare=CopyPrepare(), reconstruct=BoxReconstructor(), convert=pool)
 
 
 def real_prepare(settings: Settings, reconstructor: Reconstructor | None = None) -> Stages:

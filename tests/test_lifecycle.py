@@ -465,10 +465,11 @@ def blender_workers(server: Server) -> set[int]:
 
 
 def test_cancel_during_conversion_kills_the_blender_worker_and_the_next_job_gets_one(tmp_path):
-    """One warm Blender worker and a 4096-pixel bake of a 100k-face mesh (~7 s): the cancel answers at once, the
-    worker is replaced, and the next job converts without waiting for the abandoned bake."""
+    """One warm Blender worker and a 4096-pixel bake of a 100k-face mesh (~12 s on 2 cores): the cancel answers at
+    once, the worker is replaced, and the next job (a box, baked at 256 pixels) converts without waiting for the
+    abandoned bake."""
     env = {**STAGES, "GROK3D_STAGES": "tests.stages:real_convert", "GROK3D_BLENDER_WORKERS": "1",
-           "GROK3D_BAKE_SIZE": "4096"}
+           "GROK3D_BAKE_SIZE": "256", "TEST_BIG_MESH_BAKE_SIZE": "4096"}
     with Server(tmp_path, env) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
         [worker] = blender_workers(srv)
         slow = submit(c, "big-mesh teapot")
