@@ -58,7 +58,8 @@ RECHECK = (
     "3. _bentoml_impl/worker/service.py: does a worker still build the app it serves with Service.to_asgi "
     "(_bentoml_sdk/service/factory.py), and do BentoML's middlewares still need nothing for the paths that "
     "route_directly sends past them? "
-    "4. Does BentoML still use a mounted app only where it serves it or lists its routes (AppOnFirstUse)? "
+    "4. Does BentoML still meet a mounted app only where AppOnFirstUse's docstring says (bentoml.asgi_app, "
+    "Service.to_asgi, Service.openapi_spec, Service.schema)? "
     "5. The workarounds that name BentoML lines in service.py, runners/triposr/service.py and "
     "runners/triposr/client.py. "
     "Then run tests/test_bentoml_fixes.py."
@@ -162,20 +163,37 @@ def route_directly(service: Any, app: Any, prefixes: list[str], timeout: float) 
     _direct_routes[id(service)] = (app, list(prefixes), timeout)
 
 
-def _routing_directly(to_asgi: Callable) -> Callable:
-    """Service.to_asgi, wrapped in DirectPaths for the services that route_directly names."""
+def _serving(to_asgi: Callable) -> Callable:
+    """Service.to_asgi, which a worker calls to build the app it serves: the service's AppOnFirstUse mounts are
+    built first, and the result is wrapped in DirectPaths for the services that route_directly names."""
 
     def wrapped(self: Any, is_main: bool = True) -> Any:
+        build_mounted_apps(self)
         app = to_asgi(self, is_main=is_main)
         direct = _direct_routes.get(id(self))
         if direct is None:
             return app
         mounted, prefixes, timeout = direct
-        if type(mounted) is AppOnFirstUse:  # the worker serves it now: polls go to the app itself, not its stand-in
+        if type(mounted) is AppOnFirstUse:  # polls go to the app itself, not through its stand-in
             mounted = mounted.built()
         return DirectPaths(app, mounted, prefixes, timeout)
 
-    wrapped._grok3d_direct = True  # type: ignore[attr-defined]
+    wrapped._grok3d_serving = True  # type: ignore[attr-defined]
+    return wrapped
+
+
+def _describing(openapi_spec: Callable) -> Callable:
+    """Service.openapi_spec's getter (/docs.json; `bentoml build` writes it to apis/openapi.yaml,
+    bentoml/_internal/bento/bento.py:379-383), with the service's AppOnFirstUse mounts built first: BentoML merges a
+    mounted FastAPI app's paths only when its check finds one, and that check, `LazyType.isinstance`
+    (bentoml/_internal/types.py:186-206), answers False without looking at the object while fastapi is not imported
+    (_bentoml_sdk/service/openapi.py:45)."""
+
+    def wrapped(self: Any) -> Any:
+        build_mounted_apps(self)
+        return openapi_spec(self)
+
+    wrapped._grok3d_describing = True  # type: ignore[attr-defined]
     return wrapped
 
 
@@ -188,7 +206,8 @@ def check_version(found: str) -> None:
 
 def install() -> None:
     """Put both replacements in BentoML's place (its app factory looks them up in these modules when it builds each
-    app), and wrap Service.to_asgi so that route_directly takes effect."""
+    app); wrap Service.to_asgi so that route_directly takes effect, and it and Service.openapi_spec so that they see
+    the apps of AppOnFirstUse mounts."""
     import bentoml
     import bentoml._internal.server.http.instruments as instruments
     import bentoml._internal.server.http.traffic as traffic
@@ -196,8 +215,10 @@ def install() -> None:
 
     check_version(bentoml.__version__)
     traffic.TimeoutMiddleware = FirstByteTimeout
-    if not getattr(Service.to_asgi, "_grok3d_direct", False):
-        Service.to_asgi = _routing_directly(Service.to_asgi)
+    if not getattr(Service.to_asgi, "_grok3d_serving", False):
+        Service.to_asgi = _serving(Service.to_asgi)
+    if not getattr(Service.openapi_spec.fget, "_grok3d_describing", False):
+        Service.openapi_spec = property(_describing(Service.openapi_spec.fget))
     if not getattr(instruments.RunnerTrafficMetricsMiddleware, "_grok3d_skipping", False):
         instruments.RunnerTrafficMetricsMiddleware = skipping_metrics(instruments.RunnerTrafficMetricsMiddleware)
         instruments.RunnerTrafficMetricsMiddleware._grok3d_skipping = True
@@ -206,17 +227,26 @@ def install() -> None:
 class AppOnFirstUse:
     """The API's ASGI app for BentoML to mount, built by `build()` the first time anything of it is used.
 
-    `bentoml serve` imports the service's module in every process it starts (serving.py:208 in its arbiter,
-    worker/service.py:186 in each worker), and two of them never serve the API: the arbiter, which supervises, and
-    the TripoSR worker, on a GPU node in a deployment. Building the app there imported the whole pipeline, SQLAlchemy,
-    FastAPI and aiohttp with it: about 0.8 CPU-s at every start of each (measured, `python -X importtime`) and their
-    memory for the process's life. BentoML uses a mounted app only in the process that serves it and when it
-    describes the service (`bentoml build`, /docs.json): it keeps the object (_bentoml_sdk/decorators.py:134-136,
-    service/factory.py:144-147), mounts it (_bentoml_impl/server/app.py:192-193), enters its lifespan when it is a
-    Starlette (app.py:493-497), merges its OpenAPI when it is a FastAPI (_bentoml_sdk/service/openapi.py:42-46) and
-    lists its routes (service/factory.py:294-314). Those type checks see the built app's class (`__class__`),
-    everything else is the built app's own (attributes read and set, calls), so that nothing but the time of
-    building changes.
+    `bentoml serve` imports the service's module in every process it starts (_bentoml_impl/server/serving.py:208 in
+    its arbiter, _bentoml_impl/worker/service.py:186 in each worker), and two of them never serve the API: the
+    arbiter, which supervises, and the TripoSR worker, on a GPU node in a deployment. Building the app there imported
+    the whole pipeline, SQLAlchemy, FastAPI and aiohttp with it: about 0.8 CPU-s at every start of each (measured,
+    `python -X importtime`) and their memory for the process's life.
+
+    Where BentoML meets a mounted app:
+    - at import, `bentoml.asgi_app` keeps it (_bentoml_sdk/decorators.py:126-140, then service/factory.py:144-148);
+      its FastAPI check there (LazyType, bentoml/_internal/types.py:202-206) answers False while fastapi is not
+      imported, so it skips `make_fastapi_class_views` (_bentoml_sdk/_internals.py:13-53), which changes nothing for a
+      service without FastAPI class views (Grok3D has none: it returns at :28-29). Were fastapi imported first, the
+      check would read `__class__` and build the app at import: tests/test_bentoml_fixes.py would see it built in
+      more than the API worker.
+    - where it is served or described, install()'s wrappers of Service.to_asgi (_serving: the worker's app, its
+      router's per-request PassiveMount.matches at _bentoml_impl/server/mount.py:12-27, the lifespan at
+      _bentoml_impl/server/app.py:493-497) and of Service.openapi_spec (_describing: /docs.json, and `bentoml build`'s
+      apis/openapi.yaml) put the built app in its place first (`build_mounted_apps`);
+    - Service.schema() (service/factory.py:294-314; `bentoml build` writes it, bento.py:385) checks
+      `issubclass(app.__class__, Starlette)`, which `__class__` answers with the built app's class.
+    Anything else is the built app's own: attributes read and set, calls.
     """
 
     __slots__ = ("_build", "_app")
@@ -244,3 +274,9 @@ class AppOnFirstUse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.built()(scope, receive, send)
+
+
+def build_mounted_apps(service: Any) -> None:
+    """Put the built app in place of each AppOnFirstUse among `service.mount_apps` (a bentoml.Service's)."""
+    service.mount_apps[:] = [(app.built() if type(app) is AppOnFirstUse else app, path, name)
+                             for app, path, name in service.mount_apps]
