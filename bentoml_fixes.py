@@ -174,9 +174,7 @@ def _serving(to_asgi: Callable) -> Callable:
         if direct is None:
             return app
         mounted, prefixes, timeout = direct
-        if type(mounted) is AppOnFirstUse:  # polls go to the app itself, not through its stand-in
-            mounted = mounted.built()
-        return DirectPaths(app, mounted, prefixes, timeout)
+        return DirectPaths(app, the_app(mounted), prefixes, timeout)  # polls go to the app itself
 
     wrapped._grok3d_serving = True  # type: ignore[attr-defined]
     return wrapped
@@ -276,7 +274,11 @@ class AppOnFirstUse:
         await self.built()(scope, receive, send)
 
 
+def the_app(app: Any) -> Any:
+    """`app` itself, or the app an AppOnFirstUse stands for, built now if it was not yet."""
+    return app.built() if type(app) is AppOnFirstUse else app
+
+
 def build_mounted_apps(service: Any) -> None:
     """Put the built app in place of each AppOnFirstUse among `service.mount_apps` (a bentoml.Service's)."""
-    service.mount_apps[:] = [(app.built() if type(app) is AppOnFirstUse else app, path, name)
-                             for app, path, name in service.mount_apps]
+    service.mount_apps[:] = [(the_app(app), path, name) for app, path, name in service.mount_apps]
